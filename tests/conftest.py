@@ -1,0 +1,84 @@
+"""Shared, expensive test fixtures: the real KerasCV models, with random weights, at
+128 px (the smallest the UNet takes), built once per test session."""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RESOLUTION = 128
+SHARED_VOCAB = os.path.join(ROOT, "..", "shared", "data", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def seed_keras_cache():
+    """Put the CLIP vocabulary in the Keras download cache, as a CI cache would, when
+    this machine has no internet but has ../shared beside the project."""
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    target = os.path.join(keras_home, "datasets", "bpe_simple_vocab_16e6.txt.gz")
+    if not os.path.exists(target) and os.path.exists(SHARED_VOCAB):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(SHARED_VOCAB, target)
+
+
+seed_keras_cache()
+
+import textual_inversion as ti  # noqa: E402
+
+
+def write_test_images(folder, count=2, size=160):
+    """Small, distinct RGB pictures: a coloured square on a gradient."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        y, x = np.mgrid[0:size, 0:size] / size
+        image = np.stack([x, y, np.full_like(x, i / max(count - 1, 1))], axis=-1)
+        image[size // 4 : size // 2, size // 4 : size // 2] = [1.0, 0.2 * i, 0.0]
+        path = os.path.join(folder, f"concept_{i}.png")
+        plt.imsave(path, image)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("images"))
+    write_test_images(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def concept(image_folder):
+    """A random-weights StableDiffusion extended with <my-funny-cat-token>, frozen,
+    plus what the tests compare against."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    tokenizer = ti.build_tokenizer()
+    vocab_size_before = len(tokenizer.vocab)
+    placeholder_token_id, initializer_token_id = ti.add_placeholder_token(
+        tokenizer, "<my-funny-cat-token>", "cat"
+    )
+    stable_diffusion = ti.build_stable_diffusion(
+        RESOLUTION, tokenizer, random_weights=True, jit_compile=False
+    )
+    original_text_encoder = stable_diffusion.text_encoder
+    stable_diffusion._text_encoder = ti.extend_text_encoder(
+        original_text_encoder, [initializer_token_id]
+    )
+    ti.freeze_models(stable_diffusion)
+    return dict(
+        stable_diffusion=stable_diffusion,
+        tokenizer=tokenizer,
+        vocab_size_before=vocab_size_before,
+        placeholder_token_id=placeholder_token_id,
+        initializer_token_id=initializer_token_id,
+        original_text_encoder=original_text_encoder,
+        images=ti.load_images(ti.resolve_image_files([image_folder]), RESOLUTION),
+    )

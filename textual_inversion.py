@@ -1,0 +1,995 @@
+"""
+Title: Teach StableDiffusion new concepts via Textual Inversion
+Authors: Ian Stenbit, Luke Wood (keras.io, 2022); ported to TensorFlow 2.21, Keras 3
+    and KerasCV 0.9 as a tested script.
+Description: Learning new visual concepts with KerasCV's StableDiffusion implementation.
+
+Textual inversion teaches a frozen Stable Diffusion a new visual concept from a handful
+of photos. A new token, `<my-funny-cat-token>`, is added to the CLIP tokenizer, its
+embedding row starts as a copy of a seed word's row (`cat`), and only that row is
+trained, with the usual denoising loss, while the VAE, the UNet and every other token
+stay frozen. Afterwards prompts like "Gandalf the Gray as a <my-funny-cat-token>" draw
+the new concept.
+
+With no flags this script is the keras.io tutorial: the same images, prompts, token,
+optimizer and schedule, 50 epochs. Run it:
+
+    python textual_inversion.py                       # the tutorial (a GPU hour)
+    python textual_inversion.py --images my_photos/   # teach it your own concept
+    python textual_inversion.py --random-weights --resolution 128 \\
+        --max-train-steps 4 --sample-every 1 --sample-steps 2   # CPU smoke run
+
+Everything a run makes goes into `--output-dir` (default `outputs/`): sample images
+in `samples/`, the loss per step in `loss.csv` and `loss.png`, and the closing
+images in `final/`.
+"""
+
+import argparse
+import csv
+import math
+import os
+import re
+import sys
+import time
+
+import keras
+import keras_cv
+import matplotlib
+import numpy as np
+import tensorflow as tf
+from keras import ops
+from keras_cv import layers as cv_layers
+from keras_cv.models.stable_diffusion import NoiseScheduler
+
+if not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
+    # Run as a script, draw into files; in a notebook (Colab) keep the inline plots.
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+"""
+## The tutorial's settings
+
+The prompt length of the CLIP text encoder, the images and prompts of the tutorial's
+two datasets (single cat dolls and groups of them), and the prompts it samples with.
+Every command-line flag below defaults to these values.
+"""
+
+MAX_PROMPT_LENGTH = 77
+
+SINGLE_IMAGE_URLS = [
+    "https://i.imgur.com/VIedH1X.jpg",
+    "https://i.imgur.com/eBw13hE.png",
+    "https://i.imgur.com/oJ3rSg7.png",
+    "https://i.imgur.com/5mCL6Df.jpg",
+    "https://i.imgur.com/4Q6WWyI.jpg",
+]
+
+SINGLE_PROMPTS = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+
+GROUP_IMAGE_URLS = [
+    "https://i.imgur.com/yVmZ2Qa.jpg",
+    "https://i.imgur.com/JbyFbZJ.jpg",
+    "https://i.imgur.com/CCubd3q.jpg",
+]
+
+GROUP_PROMPTS = [
+    "a photo of a group of {}",
+    "a rendering of a group of {}",
+    "a cropped photo of the group of {}",
+    "the photo of a group of {}",
+    "a photo of a clean group of {}",
+    "a photo of my group of {}",
+    "a photo of a cool group of {}",
+    "a close-up photo of a group of {}",
+    "a bright photo of the group of {}",
+    "a cropped photo of a group of {}",
+    "a photo of the group of {}",
+    "a good photo of the group of {}",
+    "a photo of one group of {}",
+    "a close-up photo of the group of {}",
+    "a rendition of the group of {}",
+    "a photo of the clean group of {}",
+    "a rendition of a group of {}",
+    "a photo of a nice group of {}",
+    "a good photo of a group of {}",
+    "a photo of the nice group of {}",
+    "a photo of the small group of {}",
+    "a photo of the weird group of {}",
+    "a photo of the large group of {}",
+    "a photo of a cool group of {}",
+    "a photo of a small group of {}",
+]
+
+# Watched during training, every `--sample-every` epochs, with a fixed seed.
+SAMPLE_PROMPTS = [
+    "an oil painting of {}",
+    "gandalf the gray as a {}",
+    "two {} getting married, photorealistic, high quality",
+]
+
+# The tutorial's closing prompts, drawn once training is done.
+FINAL_PROMPTS = [
+    "Gandalf as a {} fantasy art drawn by disney concept artists, golden colour, "
+    "high quality, highly detailed, elegant, sharp focus, concept art, character "
+    "concepts, digital painting, mystery, adventure",
+    "A masterpiece of a {} crying out to the heavens. Behind the {}, an dark, evil "
+    "shade looms over it - sucking the life right out of it.",
+    "An evil {}.",
+    "A mysterious {} approaches the great pyramids of egypt.",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one sentence, without a traceback."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Teach StableDiffusion a new concept via textual inversion "
+        "(the keras.io tutorial, runnable today).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        default=SINGLE_IMAGE_URLS,
+        help="Images of the concept: URLs, files or folders.",
+    )
+    parser.add_argument(
+        "--group-images",
+        nargs="*",
+        default=GROUP_IMAGE_URLS,
+        help="Images of a group of the concept, trained with the group prompts; "
+        "pass the flag with no value to skip them.",
+    )
+    parser.add_argument("--placeholder-token", default="<my-funny-cat-token>")
+    parser.add_argument("--initializer-token", default="cat")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument(
+        "--max-train-steps",
+        type=int,
+        default=None,
+        help="Stop after this many training steps in total (for short runs).",
+    )
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Image size in pixels; a multiple of 128.",
+    )
+    parser.add_argument(
+        "--sample-every",
+        type=int,
+        default=10,
+        help="Draw the sample prompts every this many epochs.",
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=50,
+        help="Diffusion steps per sample image.",
+    )
+    parser.add_argument(
+        "--xla",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Compile the models with XLA; auto means on a GPU only (on a CPU, XLA "
+        "made training slower in our measurements).",
+    )
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="Build the KerasCV models with random weights and download nothing "
+        "(image URLs not in the Keras cache become synthetic stand-ins): for smoke "
+        "runs and tests. The generated images are noise.",
+    )
+    return parser.parse_args(argv)
+
+
+"""
+## Building StableDiffusion
+
+`keras_cv.models.StableDiffusion` downloads its four parts (text encoder, VAE image
+encoder, diffusion UNet, VAE decoder) the first time each is used. For smoke runs and
+tests on a machine without the weights, `--random-weights` builds the very same KerasCV
+classes with `download_weights=False` instead.
+"""
+
+
+def use_xla(xla_flag):
+    if xla_flag == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return xla_flag == "on"
+
+
+def build_stable_diffusion(resolution, tokenizer, random_weights=False, jit_compile=True):
+    stable_diffusion = keras_cv.models.StableDiffusion(
+        img_height=resolution, img_width=resolution, jit_compile=jit_compile
+    )
+    # The tokenizer, extended with the new token below, was made before the models.
+    stable_diffusion._tokenizer = tokenizer
+    try:
+        if random_weights:
+            sd_models = keras_cv.models.stable_diffusion
+            stable_diffusion._text_encoder = sd_models.TextEncoder(
+                MAX_PROMPT_LENGTH, download_weights=False
+            )
+            stable_diffusion._image_encoder = sd_models.ImageEncoder(
+                download_weights=False
+            )
+            stable_diffusion._diffusion_model = sd_models.DiffusionModel(
+                resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
+            )
+            stable_diffusion._decoder = sd_models.Decoder(
+                resolution, resolution, download_weights=False
+            )
+            for model in (
+                stable_diffusion._text_encoder,
+                stable_diffusion._image_encoder,
+                stable_diffusion._diffusion_model,
+                stable_diffusion._decoder,
+            ):
+                model.compile(jit_compile=jit_compile)  # as keras-cv does
+        # Touch each part so that its weights load (or download) now, not mid-run.
+        for part in ("text_encoder", "image_encoder", "diffusion_model", "decoder"):
+            getattr(stable_diffusion, part)
+    except Exception as error:
+        if not is_download_error(error):
+            raise
+        raise UserError(
+            f"Could not download the Stable Diffusion weights ({error}); connect to "
+            "the internet, or place kcv_encoder.h5, vae_encoder.h5, "
+            "kcv_diffusion_model.h5 and kcv_decoder.h5 in "
+            f"{keras_download_cache()}, or use --random-weights for a smoke run."
+        ) from None
+    return stable_diffusion
+
+
+def build_tokenizer():
+    try:
+        return keras_cv.models.stable_diffusion.SimpleTokenizer()
+    except Exception as error:
+        if not is_download_error(error):
+            raise
+        raise UserError(
+            f"Could not download the CLIP vocabulary ({error}); connect to the "
+            "internet, or place bpe_simple_vocab_16e6.txt.gz in "
+            f"{keras_download_cache()}."
+        ) from None
+
+
+def keras_download_cache():
+    """Where `keras.utils.get_file` keeps (and first looks for) its downloads."""
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    return os.path.join(keras_home, "datasets")
+
+
+def is_download_error(error):
+    return "fetch failure" in str(error) or "URL" in str(error)
+
+
+"""
+## Visualization utilities
+
+`plot_images` shows a row of generated images, as in the tutorial. Run as a script there
+is no screen, so every figure is also written to a PNG file.
+"""
+
+
+def plot_images(images, title=None):
+    plt.figure(figsize=(20, 20))
+    for i in range(len(images)):
+        ax = plt.subplot(1, len(images), i + 1)
+        plt.imshow(images[i])
+        plt.axis("off")
+        if title and i == 0:
+            ax.set_title(title, loc="left")
+    if matplotlib.get_backend().lower() != "agg":
+        plt.show()
+    plt.close()
+
+
+def save_images(images, path):
+    """Writes a batch of uint8 images side by side into one PNG file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plt.imsave(path, np.concatenate(list(images), axis=1))
+
+
+def slugify(text, max_length=60):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length]
+
+
+"""
+## Assembling a text-image pair dataset
+
+To train the new token's embedding we need pairs of an image of the concept and a
+caption that describes it, with the new token where the concept goes.
+
+The images are resized to the model's resolution, scaled to [-1, 1] (the range the
+StableDiffusion image encoder expects), shuffled, and randomly cropped and flipped.
+`--images` takes URLs (downloaded and cached by Keras), files or folders.
+"""
+
+
+def resolve_image_files(sources, download=True):
+    """Local files for `sources` (URLs, files, folders).
+
+    With `download=False` (random-weights smoke runs) nothing is fetched: a URL not
+    already in the Keras cache is returned as is, for a synthetic stand-in.
+    """
+    files = []
+    for source in sources:
+        if re.match(r"^(https?|ftp)://", source):
+            cached = os.path.join(keras_download_cache(), os.path.basename(source))
+            if not download:
+                files.append(cached if os.path.exists(cached) else source)
+                continue
+            try:
+                files.append(keras.utils.get_file(origin=source))
+            except Exception as error:
+                raise UserError(
+                    f"Could not download the image {source} ({error}); check the "
+                    "URL and your connection, or pass local files with --images."
+                ) from None
+        elif os.path.isdir(source):
+            found = sorted(
+                os.path.join(source, name)
+                for name in os.listdir(source)
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise UserError(
+                    f"The folder {source} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    "put your photos there or pass image files with --images."
+                )
+            files.extend(found)
+        elif os.path.isfile(source):
+            files.append(source)
+        else:
+            raise UserError(
+                f"The image {source} does not exist; check the path, or pass a URL "
+                "or a folder with --images."
+            )
+    return files
+
+
+def load_images(files, resolution):
+    resize = keras.layers.Resizing(
+        height=resolution, width=resolution, crop_to_aspect_ratio=True
+    )
+    images = []
+    for path in files:
+        if re.match(r"^(https?|ftp)://", path):
+            print(f"--random-weights: {path} is not downloaded; using a synthetic image.")
+            images.append(synthetic_image(path, resolution))
+            continue
+        try:
+            image = keras.utils.img_to_array(keras.utils.load_img(path))
+        except Exception as error:
+            raise UserError(
+                f"Could not read the image {path} ({error}); remove it or replace it "
+                "with a JPEG or PNG file."
+            ) from None
+        images.append(ops.convert_to_numpy(resize(image)))
+    # The StableDiffusion image encoder expects pixel values in [-1, 1].
+    return np.array(images) / 127.5 - 1
+
+
+def synthetic_image(name, resolution):
+    """A smooth random-colour image, the same for the same name (smoke runs only)."""
+    rng = np.random.default_rng(sum(name.encode()))
+    corners = rng.uniform(0, 255, size=(2, 2, 3)).astype("float32")
+    return ops.convert_to_numpy(
+        keras.layers.Resizing(resolution, resolution, interpolation="bilinear")(corners)
+    )
+
+
+def assemble_image_dataset(sources, resolution, download=True):
+    images = load_images(resolve_image_files(sources, download), resolution)
+    image_dataset = tf.data.Dataset.from_tensor_slices(images.astype("float32"))
+    # Shuffle, and add some random noise: crops and flips.
+    image_dataset = image_dataset.shuffle(50, reshuffle_each_iteration=True)
+    image_dataset = image_dataset.map(
+        cv_layers.RandomCropAndResize(
+            target_size=(resolution, resolution),
+            crop_area_factor=(0.8, 1.0),
+            aspect_ratio_factor=(1.0, 1.0),
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    image_dataset = image_dataset.map(
+        cv_layers.RandomFlip(mode="horizontal"),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return image_dataset
+
+
+"""
+Next the text dataset: each prompt template gets the placeholder token in place of `{}`,
+is tokenized, and padded with the end-of-text token to the CLIP text encoder's fixed
+length of 77.
+"""
+
+
+def encode_prompt(tokenizer, prompt):
+    token_ids = tokenizer.encode(prompt)
+    if len(token_ids) > MAX_PROMPT_LENGTH:
+        raise UserError(
+            f'The prompt "{prompt}" is {len(token_ids)} tokens long, more than the '
+            f"{MAX_PROMPT_LENGTH} the text encoder takes; shorten it."
+        )
+    padding = [tokenizer.end_of_text] * (MAX_PROMPT_LENGTH - len(token_ids))
+    return np.array(token_ids + padding, dtype="int32")
+
+
+def assemble_text_dataset(prompts, tokenizer, placeholder_token):
+    prompts = [prompt.format(placeholder_token) for prompt in prompts]
+    token_ids = np.stack([encode_prompt(tokenizer, prompt) for prompt in prompts])
+    text_dataset = tf.data.Dataset.from_tensor_slices(token_ids)
+    text_dataset = text_dataset.shuffle(100, reshuffle_each_iteration=True)
+    return text_dataset
+
+
+"""
+Then we zip the two into text-image pairs. The image dataset is short, so it repeats to
+match the prompts; the prompts, which set the length of an epoch, repeat 5 times (the
+tutorial's authors found this anecdotally improves results).
+"""
+
+
+def assemble_dataset(
+    image_sources, prompts, tokenizer, placeholder_token, resolution, download=True
+):
+    image_dataset = assemble_image_dataset(image_sources, resolution, download)
+    text_dataset = assemble_text_dataset(prompts, tokenizer, placeholder_token)
+    image_dataset = image_dataset.repeat()
+    text_dataset = text_dataset.repeat(5)
+    return tf.data.Dataset.zip((image_dataset, text_dataset))
+
+
+"""
+### On the importance of prompt accuracy
+
+The tutorial's authors first trained on pictures of single cat dolls and of groups of
+them with the same generic prompts, and the results were mediocre. Captions that
+describe the image accurately ("a photo of a group of {}") improved them
+*significantly*. So the single images and the group images form two datasets, each with
+its own prompts, concatenated into the final training set.
+"""
+
+
+def assemble_train_dataset(args, tokenizer):
+    download = not args.random_weights
+    train_ds = assemble_dataset(
+        args.images,
+        SINGLE_PROMPTS,
+        tokenizer,
+        args.placeholder_token,
+        args.resolution,
+        download,
+    )
+    if args.group_images:
+        group_ds = assemble_dataset(
+            args.group_images,
+            GROUP_PROMPTS,
+            tokenizer,
+            args.placeholder_token,
+            args.resolution,
+            download,
+        )
+        train_ds = train_ds.concatenate(group_ds)
+    train_ds = train_ds.batch(args.batch_size)
+    train_ds = train_ds.shuffle(train_ds.cardinality(), reshuffle_each_iteration=True)
+    return train_ds
+
+
+"""
+## Adding a new token to the text encoder
+
+The tokenizer learns the placeholder as a new token at the end of its vocabulary
+(id 49408). The text encoder's token embedding then needs one more row: we build a new
+KerasCV `TextEncoder` with the larger vocabulary, copy every weight of the old one, and
+give the new row the embedding of the initializer word, `cat`.
+"""
+
+
+def get_embedding_layer(text_encoder):
+    """The text encoder's CLIPEmbedding layer (token and position embeddings)."""
+    for layer in text_encoder.layers:
+        if hasattr(layer, "token_embedding"):
+            return layer
+    raise ValueError("This text encoder has no CLIP embedding layer.")
+
+
+def add_placeholder_token(tokenizer, placeholder_token, initializer_token):
+    """Adds the placeholder to the tokenizer; returns (its id, the initializer's id)."""
+    initializer_ids = tokenizer.encode(initializer_token)[1:-1]
+    if len(initializer_ids) != 1:
+        pieces = [tokenizer.decode([i]).strip() for i in initializer_ids]
+        raise UserError(
+            f'The initializer word "{initializer_token}" is {len(initializer_ids)} '
+            f"tokens ({', '.join(pieces)}), not one; pick a single-token word."
+        )
+    if placeholder_token in tokenizer.encoder:
+        raise UserError(
+            f"The placeholder token {placeholder_token} is already in the vocabulary; "
+            "choose a new one, such as <my-concept>."
+        )
+    tokenizer.add_tokens(placeholder_token)
+    return tokenizer.encoder[placeholder_token], initializer_ids[0]
+
+
+def extend_text_encoder(text_encoder, initializer_token_ids):
+    """A copy of `text_encoder` with one new token row per initializer token id.
+
+    Each new row starts as a copy of its initializer token's row.
+    """
+    old_embedding = get_embedding_layer(text_encoder)
+    old_token_weights = old_embedding.token_embedding.get_weights()[0]
+    new_rows = old_token_weights[np.array(initializer_token_ids)]
+    new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
+
+    new_encoder = keras_cv.models.stable_diffusion.TextEncoder(
+        MAX_PROMPT_LENGTH,
+        vocab_size=len(new_token_weights),
+        # Otherwise it would load the pretrained weights, of the old vocabulary size.
+        download_weights=False,
+    )
+    for old_layer, new_layer in zip(text_encoder.layers, new_encoder.layers):
+        if old_layer is old_embedding:
+            new_layer.token_embedding.set_weights([new_token_weights])
+            new_layer.position_embedding.set_weights(
+                old_embedding.position_embedding.get_weights()
+            )
+        else:
+            new_layer.set_weights(old_layer.get_weights())
+    return new_encoder
+
+
+"""
+## Freezing everything but the new embedding
+
+The only part of the model textual inversion trains is the placeholder's embedding
+vector. The UNet, the VAE and the text encoder are frozen.
+
+Keras's `Adam` updates every row of a trainable variable, and its weight decay shrinks
+rows whose gradient is zero too: training the text encoder's whole 49,409 x 768 token
+matrix, as the tutorial did, slowly moves every other token. So the learned vector is a
+small variable of its own in the trainer below, and only its row of the frozen matrix
+is overwritten after each step.
+"""
+
+
+def freeze_models(stable_diffusion):
+    stable_diffusion.text_encoder.trainable = False
+    stable_diffusion.image_encoder.trainable = False
+    stable_diffusion.diffusion_model.trainable = False
+    stable_diffusion.decoder.trainable = False
+
+
+"""
+## Training the new embedding
+
+A few utilities first:
+
+- `sample_from_encoder_outputs` samples from the distribution the VAE image encoder
+  predicts, instead of taking only its mean as many StableDiffusion applications do.
+- `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
+  of timesteps (at once, not one by one with `tf.map_fn`).
+- `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
+"""
+
+
+def sample_from_encoder_outputs(outputs, seed=None):
+    mean, logvar = ops.split(outputs, 2, axis=-1)
+    logvar = ops.clip(logvar, -30.0, 20.0)
+    std = ops.exp(0.5 * logvar)
+    sample = keras.random.normal(ops.shape(mean), seed=seed)
+    return mean + std * sample
+
+
+def get_timestep_embedding(timesteps, dim=320, max_period=10000):
+    half = dim // 2
+    freqs = ops.exp(-math.log(max_period) * ops.arange(0, half, dtype="float32") / half)
+    args = ops.cast(timesteps, "float32")[:, None] * freqs[None, :]
+    return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+def get_position_ids():
+    return ops.expand_dims(ops.arange(MAX_PROMPT_LENGTH, dtype="int32"), 0)
+
+
+def placeholder_gradient(embedding_gradient, placeholder_token_ids):
+    """The rows of the embedding matrix's gradient that belong to the placeholder.
+
+    This is the tutorial's masked gradient. The gradient of an embedding lookup is a
+    `tf.IndexedSlices`: a row of `values` for every token position of the batch, and
+    its token id in `indices`. We keep the rows of the placeholder's ids, zero all
+    others, and sum them per placeholder id.
+    """
+    if not isinstance(embedding_gradient, tf.IndexedSlices):
+        return ops.take(embedding_gradient, placeholder_token_ids, axis=0)
+    is_placeholder = ops.equal(
+        ops.cast(embedding_gradient.indices, "int32")[:, None],
+        placeholder_token_ids[None, :],
+    )
+    mask = ops.cast(is_placeholder, embedding_gradient.values.dtype)
+    return ops.matmul(ops.transpose(mask), embedding_gradient.values)
+
+
+"""
+Now the heart of textual inversion, `StableDiffusionFineTuner`: a `keras.Model` whose
+`train_step` trains the placeholder's embedding.
+
+In each step the frozen VAE encodes the training images into latents (a sample of the
+predicted distribution, scaled by the magic constant 0.18215 the model was trained with),
+random noise is added at a random timestep, and the frozen diffusion model predicts that
+noise, guided by the text encoder's encoding of the image's prompt. The loss is the mean
+squared error between the true and the predicted noise. Its gradient reaches the token
+embedding matrix through the text encoder; we keep only the placeholder's rows of it,
+let the optimizer update the learned vector, and write that back into the matrix.
+"""
+
+
+class StableDiffusionFineTuner(keras.Model):
+    def __init__(
+        self,
+        stable_diffusion,
+        noise_scheduler,
+        placeholder_token_ids,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.stable_diffusion = stable_diffusion
+        self.noise_scheduler = noise_scheduler
+        self.placeholder_token_ids = ops.convert_to_tensor(
+            placeholder_token_ids, dtype="int32"
+        )
+        # Leaving out the encoder's last layer (which keeps the mean only and scales
+        # it) gives the mean and log-variance of the latent distribution.
+        image_encoder = stable_diffusion.image_encoder
+        self.training_image_encoder = keras.Model(
+            image_encoder.inputs, image_encoder.layers[-2].output
+        )
+        self.token_embedding = get_embedding_layer(
+            stable_diffusion.text_encoder
+        ).token_embedding
+        initial_vectors = ops.take(
+            self.token_embedding.embeddings, self.placeholder_token_ids, axis=0
+        )
+        self.learned_embedding = self.add_weight(
+            shape=tuple(initial_vectors.shape),
+            initializer="zeros",
+            name="learned_embedding",
+        )
+        self.learned_embedding.assign(initial_vectors)
+        self.position_ids = get_position_ids()
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.built = True
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def write_learned_embedding(self):
+        """Copies the learned vectors into their rows of the text encoder's matrix."""
+        self.token_embedding.embeddings.value.scatter_nd_update(
+            self.placeholder_token_ids[:, None], self.learned_embedding.value
+        )
+
+    def compute_denoising_loss(self, images, token_ids):
+        # Sample from the predicted distribution of the training images' latents, and
+        # scale it the way StableDiffusion's latents were scaled in its training.
+        latents = sample_from_encoder_outputs(
+            self.training_image_encoder(images, training=False), seed=self.seed_generator
+        )
+        latents = latents * 0.18215
+
+        # Random noise, and a random timestep for each sample in the batch.
+        noise = keras.random.normal(ops.shape(latents), seed=self.seed_generator)
+        batch_dim = ops.shape(latents)[0]
+        timesteps = keras.random.randint(
+            (batch_dim,),
+            minval=0,
+            maxval=self.noise_scheduler.train_timesteps,
+            dtype="int32",
+            seed=self.seed_generator,
+        )
+
+        # Add noise to the latents according to each sample's timestep.
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        # Encode the prompts: the diffusion model's guide (its "context").
+        encoder_hidden_state = self.stable_diffusion.text_encoder(
+            [token_ids, self.position_ids]
+        )
+
+        # Predict the noise, and compare it with the noise that was added.
+        noise_pred = self.stable_diffusion.diffusion_model(
+            [noisy_latents, get_timestep_embedding(timesteps), encoder_hidden_state]
+        )
+        return ops.mean(ops.square(noise - noise_pred))
+
+    def train_step(self, data):
+        images, token_ids, _ = keras.utils.unpack_x_y_sample_weight(data)
+        embedding_matrix = self.token_embedding.embeddings.value
+        with tf.GradientTape() as tape:
+            tape.watch(embedding_matrix)
+            loss = self.compute_denoising_loss(images, token_ids)
+
+        # The masked gradient: only the placeholder's rows of the matrix's gradient.
+        embedding_gradient = tape.gradient(loss, embedding_matrix)
+        gradient = placeholder_gradient(embedding_gradient, self.placeholder_token_ids)
+        self.optimizer.apply_gradients([(gradient, self.learned_embedding)])
+        self.write_learned_embedding()
+
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result(), "step_loss": loss}
+
+
+"""
+To watch training, a callback draws a few images with the new token every
+`--sample-every` epochs. We make one per prompt, each with the same fixed seed, so the
+token's progress is easy to see. Another callback writes the loss of every step to
+`loss.csv`, and a third ends short runs after `--max-train-steps` steps.
+"""
+
+
+class GenerateImages(keras.callbacks.Callback):
+    def __init__(
+        self,
+        stable_diffusion,
+        prompt,
+        steps=50,
+        frequency=10,
+        seed=None,
+        output_dir=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.stable_diffusion = stable_diffusion
+        self.prompt = prompt
+        self.seed = seed
+        self.frequency = frequency
+        self.steps = steps
+        self.output_dir = output_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch % self.frequency == 0:
+            images = self.stable_diffusion.text_to_image(
+                self.prompt, batch_size=3, num_steps=self.steps, seed=self.seed
+            )
+            name = f"epoch-{epoch + 1:03d}_{slugify(self.prompt)}.png"
+            save_images(images, os.path.join(self.output_dir, "samples", name))
+            plot_images(images, title=f"epoch {epoch + 1}: {self.prompt}")
+
+
+class LossLogger(keras.callbacks.Callback):
+    """Appends (step, epoch, loss, seconds) to a CSV file after every training step,
+    and prints the typical time of a step at the end."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.epoch = 0
+        self.step_seconds = []
+
+    def on_train_begin(self, logs=None):
+        if not os.path.exists(self.path):
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "epoch", "loss", "seconds"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.step_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        seconds = time.perf_counter() - self.step_start
+        self.step_seconds.append(seconds)
+        step = int(self.model.optimizer.iterations.numpy())
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(
+                [step, self.epoch, float(logs["step_loss"]), round(seconds, 4)]
+            )
+
+    def on_train_end(self, logs=None):
+        if len(self.step_seconds) > 1:
+            # The first step also traces (and compiles) the train step: leave it out.
+            print(
+                f"Trained {len(self.step_seconds)} steps: "
+                f"{1000 * np.median(self.step_seconds[1:]):.0f} ms/step (median; the "
+                f"first step, which traces the model, took {self.step_seconds[0]:.1f} s)."
+            )
+
+
+class StopAfterSteps(keras.callbacks.Callback):
+    def __init__(self, max_steps):
+        super().__init__()
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.max_steps:
+            self.model.stop_training = True
+
+
+def plot_loss(csv_path, png_path):
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    steps = np.array([int(row["step"]) for row in rows])
+    losses = np.array([float(row["loss"]) for row in rows])
+    plt.figure(figsize=(8, 4))
+    plt.plot(steps, losses, alpha=0.4, label="loss per step")
+    window = min(50, len(losses))
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        plt.plot(steps[window - 1 :], smooth, label=f"mean of {window} steps")
+    plt.xlabel("step")
+    plt.ylabel("denoising loss (MSE)")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(png_path)
+    plt.close()
+
+
+"""
+Before training, a look at what StableDiffusion draws for the token: still a cat, the
+word it was initialized from.
+
+Then, as with any Keras model, `compile()` and `fit()`. The noise scheduler is the one
+StableDiffusion was trained with; the learning rate follows a cosine decay from 1e-4
+over the whole run; Adam has a small weight decay and the gradient norm is clipped.
+"""
+
+
+def build_trainer(
+    stable_diffusion, placeholder_token_ids, learning_rate, seed=None, jit_compile=False
+):
+    noise_scheduler = NoiseScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        train_timesteps=1000,
+    )
+    trainer = StableDiffusionFineTuner(
+        stable_diffusion, noise_scheduler, placeholder_token_ids, seed=seed, name="trainer"
+    )
+    optimizer = keras.optimizers.Adam(
+        weight_decay=0.004, learning_rate=learning_rate, epsilon=1e-8, global_clipnorm=10
+    )
+    trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
+    return trainer
+
+
+def train(stable_diffusion, train_ds, placeholder_token_id, args):
+    samples_dir = os.path.join(args.output_dir, "samples")
+    sample_prompts = [p.format(args.placeholder_token) for p in SAMPLE_PROMPTS]
+    before = stable_diffusion.text_to_image(
+        sample_prompts[0], seed=args.seed, batch_size=3, num_steps=args.sample_steps
+    )
+    save_images(before, os.path.join(samples_dir, f"epoch-000_{slugify(sample_prompts[0])}.png"))
+    plot_images(before, title=f"before training: {sample_prompts[0]}")
+
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=args.learning_rate,
+        decay_steps=int(train_ds.cardinality()) * args.epochs,
+    )
+    trainer = build_trainer(
+        stable_diffusion,
+        [placeholder_token_id],
+        learning_rate,
+        seed=args.seed,
+        jit_compile=use_xla(args.xla),
+    )
+
+    callbacks = [
+        GenerateImages(
+            stable_diffusion,
+            prompt=prompt,
+            steps=args.sample_steps,
+            frequency=args.sample_every,
+            seed=args.seed,
+            output_dir=args.output_dir,
+        )
+        for prompt in sample_prompts
+    ]
+    callbacks.append(LossLogger(os.path.join(args.output_dir, "loss.csv")))
+    if args.max_train_steps:
+        callbacks.append(StopAfterSteps(args.max_train_steps))
+
+    # The dataset shuffles itself; `shuffle=False` only tells Keras so.
+    history = trainer.fit(train_ds, epochs=args.epochs, callbacks=callbacks, shuffle=False)
+    plot_loss(os.path.join(args.output_dir, "loss.csv"), os.path.join(args.output_dir, "loss.png"))
+    return trainer, history
+
+
+"""
+## Taking the fine-tuned model for a spin
+
+Now the really fun part: with the token's embedding learned, StableDiffusion draws it
+like any other word. The tutorial's closing prompts:
+"""
+
+
+def generate_final_images(stable_diffusion, args):
+    for prompt in FINAL_PROMPTS:
+        prompt = prompt.format(*[args.placeholder_token] * prompt.count("{}"))
+        images = stable_diffusion.text_to_image(
+            prompt, batch_size=3, num_steps=args.sample_steps, seed=args.seed
+        )
+        save_images(images, os.path.join(args.output_dir, "final", f"{slugify(prompt)}.png"))
+        plot_images(images, title=prompt)
+
+
+"""
+## Running it all
+"""
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # The cheap steps first, so that a bad token or a missing image is reported
+    # before the models are built.
+    tokenizer = build_tokenizer()
+    placeholder_token_id, initializer_token_id = add_placeholder_token(
+        tokenizer, args.placeholder_token, args.initializer_token
+    )
+    train_ds = assemble_train_dataset(args, tokenizer)
+
+    jit_compile = use_xla(args.xla)
+    stable_diffusion = build_stable_diffusion(
+        args.resolution, tokenizer, args.random_weights, jit_compile
+    )
+    stable_diffusion._text_encoder = extend_text_encoder(
+        stable_diffusion.text_encoder, [initializer_token_id]
+    )
+    stable_diffusion._text_encoder.compile(jit_compile=jit_compile)
+    freeze_models(stable_diffusion)
+    train(stable_diffusion, train_ds, placeholder_token_id, args)
+    generate_final_images(stable_diffusion, args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
