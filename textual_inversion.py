@@ -31,11 +31,14 @@ import os
 import re
 import sys
 import time
+from typing import NamedTuple
 
 import keras
 import keras_cv
 import matplotlib
 import numpy as np
+import safetensors
+import safetensors.numpy
 import tensorflow as tf
 from keras import ops
 from keras_cv import layers as cv_layers
@@ -191,7 +194,7 @@ def parse_args(argv=None):
         "--sample-every",
         type=int,
         default=10,
-        help="Draw the sample prompts every this many epochs.",
+        help="Draw the sample prompts every this many epochs (0: never).",
     )
     parser.add_argument(
         "--sample-steps",
@@ -208,6 +211,19 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--output-dir", default="outputs")
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=1,
+        help=f"Save the learned embedding ({EMBEDDING_FILE}) every this many epochs "
+        "(and always at the end).",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="EMBEDDING_FILE",
+        help="Start from a saved embedding, and the step it reached, instead of the "
+        "initializer word.",
+    )
     parser.add_argument(
         "--random-weights",
         action="store_true",
@@ -533,6 +549,25 @@ def get_embedding_layer(text_encoder):
     raise ValueError("This text encoder has no CLIP embedding layer.")
 
 
+def check_new_token(tokenizer, token):
+    if not token or any(c.isspace() for c in token):
+        raise UserError(
+            f'The placeholder token "{token}" is empty or has spaces; use one word '
+            "such as <my-concept>."
+        )
+    if token != token.lower():
+        # The tokenizer lowercases prompts, so a token with capitals would never match.
+        raise UserError(
+            f"The placeholder token {token} has capital letters; use lowercase, "
+            f"such as {token.lower()}."
+        )
+    if token in tokenizer.encoder or len(tokenizer.encode(token)) == 3:
+        raise UserError(
+            f"The placeholder token {token} is already in the vocabulary; choose a "
+            "new one, such as <my-concept>."
+        )
+
+
 def add_placeholder_token(tokenizer, placeholder_token, initializer_token):
     """Adds the placeholder to the tokenizer; returns (its id, the initializer's id)."""
     initializer_ids = tokenizer.encode(initializer_token)[1:-1]
@@ -542,23 +577,21 @@ def add_placeholder_token(tokenizer, placeholder_token, initializer_token):
             f'The initializer word "{initializer_token}" is {len(initializer_ids)} '
             f"tokens ({', '.join(pieces)}), not one; pick a single-token word."
         )
-    if placeholder_token in tokenizer.encoder:
-        raise UserError(
-            f"The placeholder token {placeholder_token} is already in the vocabulary; "
-            "choose a new one, such as <my-concept>."
-        )
+    check_new_token(tokenizer, placeholder_token)
     tokenizer.add_tokens(placeholder_token)
     return tokenizer.encoder[placeholder_token], initializer_ids[0]
 
 
-def extend_text_encoder(text_encoder, initializer_token_ids):
-    """A copy of `text_encoder` with one new token row per initializer token id.
+def token_rows(text_encoder, token_ids):
+    """The embedding rows of `token_ids`, as a numpy array."""
+    token_weights = get_embedding_layer(text_encoder).token_embedding.get_weights()[0]
+    return token_weights[np.array(token_ids)]
 
-    Each new row starts as a copy of its initializer token's row.
-    """
+
+def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
+    """A copy of `text_encoder` whose token embedding has `new_rows` appended."""
     old_embedding = get_embedding_layer(text_encoder)
     old_token_weights = old_embedding.token_embedding.get_weights()[0]
-    new_rows = old_token_weights[np.array(initializer_token_ids)]
     new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
 
     new_encoder = keras_cv.models.stable_diffusion.TextEncoder(
@@ -575,6 +608,7 @@ def extend_text_encoder(text_encoder, initializer_token_ids):
             )
         else:
             new_layer.set_weights(old_layer.get_weights())
+    new_encoder.compile(jit_compile=jit_compile)
     return new_encoder
 
 
@@ -896,14 +930,15 @@ def build_trainer(
     return trainer
 
 
-def train(stable_diffusion, train_ds, placeholder_token_id, args):
-    samples_dir = os.path.join(args.output_dir, "samples")
+def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0):
     sample_prompts = [p.format(args.placeholder_token) for p in SAMPLE_PROMPTS]
-    before = stable_diffusion.text_to_image(
-        sample_prompts[0], seed=args.seed, batch_size=3, num_steps=args.sample_steps
-    )
-    save_images(before, os.path.join(samples_dir, f"epoch-000_{slugify(sample_prompts[0])}.png"))
-    plot_images(before, title=f"before training: {sample_prompts[0]}")
+    if args.sample_every and not initial_step:
+        before = stable_diffusion.text_to_image(
+            sample_prompts[0], seed=args.seed, batch_size=3, num_steps=args.sample_steps
+        )
+        name = f"epoch-000_{slugify(sample_prompts[0])}.png"
+        save_images(before, os.path.join(args.output_dir, "samples", name))
+        plot_images(before, title=f"before training: {sample_prompts[0]}")
 
     learning_rate = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=args.learning_rate,
@@ -916,6 +951,17 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args):
         seed=args.seed,
         jit_compile=use_xla(args.xla),
     )
+    # A resumed run goes on where the saved one stopped, on the same schedule.
+    steps_per_epoch = int(train_ds.cardinality())
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_train_steps:
+        total_steps = min(total_steps, args.max_train_steps)
+    if initial_step >= total_steps:
+        raise UserError(
+            f"The embedding to resume already has {initial_step} steps, the whole "
+            f"run ({total_steps}); raise --epochs or --max-train-steps to go on."
+        )
+    trainer.optimizer.iterations.assign(initial_step)
 
     callbacks = [
         GenerateImages(
@@ -927,13 +973,27 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args):
             output_dir=args.output_dir,
         )
         for prompt in sample_prompts
+        if args.sample_every
     ]
-    callbacks.append(LossLogger(os.path.join(args.output_dir, "loss.csv")))
-    if args.max_train_steps:
-        callbacks.append(StopAfterSteps(args.max_train_steps))
+    callbacks += [
+        LossLogger(os.path.join(args.output_dir, "loss.csv")),
+        StopAfterSteps(total_steps),
+        SaveEmbedding(
+            os.path.join(args.output_dir, EMBEDDING_FILE),
+            args.placeholder_token,
+            every=args.save_every,
+            metadata=embedding_metadata(args),
+        ),
+    ]
 
     # The dataset shuffles itself; `shuffle=False` only tells Keras so.
-    history = trainer.fit(train_ds, epochs=args.epochs, callbacks=callbacks, shuffle=False)
+    history = trainer.fit(
+        train_ds,
+        epochs=args.epochs,
+        initial_epoch=initial_step // steps_per_epoch,
+        callbacks=callbacks,
+        shuffle=False,
+    )
     plot_loss(os.path.join(args.output_dir, "loss.csv"), os.path.join(args.output_dir, "loss.png"))
     return trainer, history
 
@@ -957,33 +1017,237 @@ def generate_final_images(stable_diffusion, args):
 
 
 """
-## Running it all
+## Extras: keeping what was learned
+
+The tutorial's result died with its Colab session. Here the learned embedding is saved
+every `--save-every` epochs and at the end, as `learned_embeds.safetensors`: a single
+tensor, `{placeholder_token: float32 [num_vectors, 768]}`. That is the layout diffusers'
+`load_textual_inversion`, AUTOMATIC1111 and ComfyUI read for Stable Diffusion 1.x
+models, which all share this CLIP ViT-L/14 text encoder. The file's metadata header
+records how it was made. `--resume` goes on training from such a file, and the
+`generate` command draws with one or more of them.
+"""
+
+EMBEDDING_FILE = "learned_embeds.safetensors"
+EMBEDDING_WIDTH = 768  # CLIP ViT-L/14, the text encoder of Stable Diffusion 1.x
+BASE_MODEL = "KerasCV StableDiffusion v1.4 (CLIP ViT-L/14 text encoder)"
+
+
+class LearnedEmbedding(NamedTuple):
+    token: str
+    vectors: np.ndarray  # float32 [num_vectors, 768]
+    metadata: dict
+
+
+def embedding_metadata(args):
+    return {
+        "token": args.placeholder_token,
+        "initializer_token": args.initializer_token,
+        "epochs": args.epochs,
+        "resolution": args.resolution,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size,
+        "base_model": BASE_MODEL,
+        "random_weights": args.random_weights,
+    }
+
+
+def save_embedding(path, token, vectors, metadata):
+    """Writes the embedding beside `path`, then renames it: never a half-written file."""
+    metadata = {key: str(value) for key, value in metadata.items()}
+    # "pt" is what PyTorch loaders (diffusers, transformers) look for; the tensor
+    # itself is plain float32, as every safetensors file is.
+    metadata["format"] = "pt"
+    partial_path = path + ".partial"
+    safetensors.numpy.save_file(
+        {token: np.asarray(vectors, dtype="float32")}, partial_path, metadata=metadata
+    )
+    os.replace(partial_path, path)
+
+
+def load_embedding(path):
+    if not os.path.isfile(path):
+        raise UserError(
+            f"The embedding file {path} does not exist; pass the {EMBEDDING_FILE} "
+            "that a training run wrote into its output folder."
+        )
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:
+        raise UserError(
+            f"{path} is not a valid safetensors embedding ({error}); pass a "
+            f"{EMBEDDING_FILE} written by this script or another textual-inversion tool."
+        ) from None
+    if len(tensors) != 1:
+        raise UserError(
+            f"{path} holds {len(tensors)} tensors, but an embedding file holds one, "
+            "named by its token; pass a textual-inversion embedding."
+        )
+    token, vectors = next(iter(tensors.items()))
+    vectors = np.asarray(vectors, dtype="float32")
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or vectors.shape[1] != EMBEDDING_WIDTH:
+        raise UserError(
+            f"The embedding in {path} has shape {list(vectors.shape)}, but this model's "
+            f"token vectors are {EMBEDDING_WIDTH} wide (Stable Diffusion 1.x); "
+            "embeddings for SD 2.x (1024) or SDXL do not fit it."
+        )
+    if vectors.shape[0] != 1:
+        raise UserError(
+            f"The embedding in {path} has {vectors.shape[0]} vectors; this script "
+            "loads single-vector embeddings only."
+        )
+    return LearnedEmbedding(token, vectors, metadata)
+
+
+class SaveEmbedding(keras.callbacks.Callback):
+    """Saves the learned embedding every `every` epochs and when training ends."""
+
+    def __init__(self, path, token, every, metadata):
+        super().__init__()
+        self.path = path
+        self.token = token
+        self.every = every
+        self.metadata = metadata
+        self.epoch = 0
+
+    def save(self):
+        step = int(self.model.optimizer.iterations.numpy())
+        metadata = dict(self.metadata, step=step, epoch=self.epoch)
+        save_embedding(self.path, self.token, self.model.learned_embedding.numpy(), metadata)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        if self.every and self.epoch % self.every == 0:
+            self.save()
+
+    def on_train_end(self, logs=None):
+        self.save()
+
+
+"""
+### Generating with saved embeddings
+
+`python textual_inversion.py generate --embedding FILE --prompt "an oil painting of {}"`
+loads each embedding into a fresh StableDiffusion (its token added to the tokenizer,
+its vectors to the text encoder, as for training) and writes the images. `{}` in a
+prompt stands for the first embedding's token.
 """
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    # The cheap steps first, so that a bad token or a missing image is reported
-    # before the models are built.
-    tokenizer = build_tokenizer()
-    placeholder_token_id, initializer_token_id = add_placeholder_token(
-        tokenizer, args.placeholder_token, args.initializer_token
+def parse_generate_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="textual_inversion.py generate",
+        description="Draw images with learned embeddings, without training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    train_ds = assemble_train_dataset(args, tokenizer)
+    parser.add_argument("--embedding", nargs="+", required=True, metavar="FILE")
+    parser.add_argument("--prompt", nargs="+", required=True)
+    parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--output-dir", default="outputs")
+    return parser.parse_args(argv)
+
+
+def add_embeddings(tokenizer, embeddings, paths):
+    """Adds each embedding's token to the tokenizer; returns all their vectors."""
+    for embedding, path in zip(embeddings, paths):
+        if embedding.token in tokenizer.encoder:
+            raise UserError(
+                f"The token {embedding.token} of {path} is already in the vocabulary "
+                "(it is a word, or another --embedding has it); load one file per token."
+            )
+        check_new_token(tokenizer, embedding.token)
+        tokenizer.add_tokens(embedding.token)
+    return np.concatenate([embedding.vectors for embedding in embeddings])
+
+
+def generate(args):
+    tokenizer = build_tokenizer()
+    embeddings = [load_embedding(path) for path in args.embedding]
+    new_rows = add_embeddings(tokenizer, embeddings, args.embedding)
+    tokens = [embedding.token for embedding in embeddings]
+    prompts = [prompt.replace("{}", tokens[0]) for prompt in args.prompt]
+    for prompt in prompts:
+        if not any(token in prompt for token in tokens):
+            raise UserError(
+                f'The prompt "{prompt}" uses none of the loaded tokens '
+                f"({', '.join(tokens)}); write one into it, or put {{}} where it goes."
+            )
+        encode_prompt(tokenizer, prompt)  # checks its length
 
     jit_compile = use_xla(args.xla)
     stable_diffusion = build_stable_diffusion(
         args.resolution, tokenizer, args.random_weights, jit_compile
     )
     stable_diffusion._text_encoder = extend_text_encoder(
-        stable_diffusion.text_encoder, [initializer_token_id]
+        stable_diffusion.text_encoder, new_rows, jit_compile
     )
-    stable_diffusion._text_encoder.compile(jit_compile=jit_compile)
+    written = []
+    for prompt in prompts:
+        images = stable_diffusion.text_to_image(
+            prompt, batch_size=args.batch_size, num_steps=args.sample_steps, seed=args.seed
+        )
+        for i, image in enumerate(images):
+            path = os.path.join(
+                args.output_dir, "generated", f"{slugify(prompt)}_seed{args.seed}_{i}.png"
+            )
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            plt.imsave(path, image)
+            written.append(path)
+        plot_images(images, title=prompt)
+    print(f"Wrote {len(written)} images to {os.path.join(args.output_dir, 'generated')}.")
+    return written
+
+
+"""
+## Running it all
+
+`main()` runs the tutorial's steps in order. The cheap ones come first, so that a bad
+token or a missing image is reported before the models are built.
+"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        return generate(parse_generate_args(argv[1:]))
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+
+    resumed = load_embedding(args.resume) if args.resume else None
+    if resumed and resumed.token != args.placeholder_token:
+        print(f"Resuming the embedding of {resumed.token} from {args.resume}.")
+        args.placeholder_token = resumed.token
+    initial_step = int(resumed.metadata.get("step", 0)) if resumed else 0
+
+    tokenizer = build_tokenizer()
+    placeholder_token_id, initializer_token_id = add_placeholder_token(
+        tokenizer, args.placeholder_token, args.initializer_token
+    )
+    train_ds = assemble_train_dataset(args, tokenizer)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    jit_compile = use_xla(args.xla)
+    stable_diffusion = build_stable_diffusion(
+        args.resolution, tokenizer, args.random_weights, jit_compile
+    )
+    if resumed:
+        new_rows = resumed.vectors
+    else:
+        new_rows = token_rows(stable_diffusion.text_encoder, [initializer_token_id])
+    stable_diffusion._text_encoder = extend_text_encoder(
+        stable_diffusion.text_encoder, new_rows, jit_compile
+    )
     freeze_models(stable_diffusion)
-    train(stable_diffusion, train_ds, placeholder_token_id, args)
+    train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step)
     generate_final_images(stable_diffusion, args)
 
 

@@ -70,7 +70,7 @@ def concept(image_folder):
     )
     original_text_encoder = stable_diffusion.text_encoder
     stable_diffusion._text_encoder = ti.extend_text_encoder(
-        original_text_encoder, [initializer_token_id]
+        original_text_encoder, ti.token_rows(original_text_encoder, [initializer_token_id])
     )
     ti.freeze_models(stable_diffusion)
     return dict(

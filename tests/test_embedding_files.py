@@ -1,0 +1,202 @@
+"""Saving, loading, resuming and generating with learned embeddings (issue 3)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors
+import tensorflow as tf
+
+import textual_inversion as ti
+from conftest import RESOLUTION, ROOT
+
+PLACEHOLDER = "<my-funny-cat-token>"
+
+
+def read_steps(csv_path):
+    with open(csv_path) as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def set_token_row(text_encoder, token_id, vector):
+    layer = ti.get_embedding_layer(text_encoder).token_embedding
+    matrix = layer.get_weights()[0]
+    matrix[token_id] = vector
+    layer.set_weights([matrix])
+
+
+# --- The file itself -------------------------------------------------------------------
+
+
+def test_saved_file_loads_back_equal_with_its_metadata(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(1, 768)).astype("float32")
+    path = str(tmp_path / ti.EMBEDDING_FILE)
+    ti.save_embedding(path, PLACEHOLDER, vectors, {"step": 12, "initializer_token": "cat"})
+    assert not os.path.exists(path + ".partial")
+
+    loaded = ti.load_embedding(path)
+    assert loaded.token == PLACEHOLDER
+    np.testing.assert_array_equal(loaded.vectors, vectors)
+    assert loaded.metadata["step"] == "12"
+    assert loaded.metadata["initializer_token"] == "cat"
+
+    # The layout other tools read: one float32 tensor [num_vectors, 768] named by the token.
+    with safetensors.safe_open(path, framework="numpy") as f:
+        assert list(f.keys()) == [PLACEHOLDER]
+        assert f.get_tensor(PLACEHOLDER).dtype == np.float32
+        assert f.get_tensor(PLACEHOLDER).shape == (1, 768)
+
+
+def test_a_diffusers_style_1d_vector_loads_as_one_row(tmp_path):
+    path = str(tmp_path / "old.safetensors")
+    safetensors.numpy.save_file({"<old>": np.ones(768, dtype="float32")}, path)
+    assert ti.load_embedding(path).vectors.shape == (1, 768)
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"<sd2-token>": np.zeros((1, 1024), dtype="float32")}, "768 wide"),
+        ({"<a>": np.zeros((1, 768), "float32"), "<b>": np.zeros((1, 768), "float32")}, "2 tensors"),
+    ],
+)
+def test_loading_a_wrong_embedding_says_why(tmp_path, tensors, message):
+    path = str(tmp_path / "bad.safetensors")
+    safetensors.numpy.save_file(tensors, path)
+    with pytest.raises(ti.UserError, match=message):
+        ti.load_embedding(path)
+
+
+def test_loading_a_file_that_is_not_an_embedding_says_why(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("this is not a safetensors file")
+    with pytest.raises(ti.UserError, match="not a valid safetensors embedding"):
+        ti.load_embedding(str(path))
+    with pytest.raises(ti.UserError, match="does not exist"):
+        ti.load_embedding(str(tmp_path / "missing.safetensors"))
+
+
+def test_a_token_already_in_the_vocabulary_is_refused(concept):
+    tokenizer = ti.build_tokenizer()
+    cat = ti.LearnedEmbedding("cat", np.zeros((1, 768), "float32"), {})
+    with pytest.raises(ti.UserError, match="already in the vocabulary"):
+        ti.add_embeddings(tokenizer, [cat], ["cat.safetensors"])
+    twice = ti.LearnedEmbedding("<x>", np.zeros((1, 768), "float32"), {})
+    with pytest.raises(ti.UserError, match="already in the vocabulary"):
+        ti.add_embeddings(tokenizer, [twice, twice], ["a.safetensors", "b.safetensors"])
+
+
+def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_path):
+    stable_diffusion = concept["stable_diffusion"]
+    placeholder_token_id = concept["placeholder_token_id"]
+    learned = np.random.default_rng(1).normal(size=(1, 768)).astype("float32")
+    original_matrix_row = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
+    set_token_row(stable_diffusion.text_encoder, placeholder_token_id, learned[0])
+    try:
+        path = str(tmp_path / ti.EMBEDDING_FILE)
+        ti.save_embedding(path, PLACEHOLDER, learned, {"step": 1})
+
+        # A fresh tokenizer and text encoder, extended from the file alone.
+        fresh_tokenizer = ti.build_tokenizer()
+        new_rows = ti.add_embeddings(fresh_tokenizer, [ti.load_embedding(path)], [path])
+        fresh_encoder = ti.extend_text_encoder(concept["original_text_encoder"], new_rows)
+        assert fresh_tokenizer.encoder[PLACEHOLDER] == placeholder_token_id
+        np.testing.assert_array_equal(
+            ti.token_rows(fresh_encoder, [placeholder_token_id]), learned
+        )
+
+        prompt = f"an oil painting of {PLACEHOLDER}"
+        positions = ti.get_position_ids()
+        trained_ids = tf.constant(ti.encode_prompt(concept["tokenizer"], prompt)[None])
+        fresh_ids = tf.constant(ti.encode_prompt(fresh_tokenizer, prompt)[None])
+        np.testing.assert_array_equal(trained_ids.numpy(), fresh_ids.numpy())
+        np.testing.assert_allclose(
+            fresh_encoder([fresh_ids, positions]).numpy(),
+            stable_diffusion.text_encoder([trained_ids, positions]).numpy(),
+            atol=1e-6,
+        )
+    finally:
+        set_token_row(stable_diffusion.text_encoder, placeholder_token_id, original_matrix_row[0])
+
+
+# --- Resume ----------------------------------------------------------------------------
+
+
+def test_stopped_and_resumed_run_ends_after_the_same_steps_as_one_go(
+    concept, image_folder, tmp_path
+):
+    stable_diffusion = concept["stable_diffusion"]
+    placeholder_token_id = concept["placeholder_token_id"]
+    initial_row = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
+
+    def run(output_dir, max_steps, resume_from=None):
+        argv = [
+            "--random-weights", "--resolution", str(RESOLUTION),
+            "--images", image_folder, "--group-images",
+            "--max-train-steps", str(max_steps), "--sample-every", "0",
+            "--output-dir", str(output_dir),
+        ]
+        args = ti.parse_args(argv)
+        initial_step = 0
+        if resume_from:
+            resumed = ti.load_embedding(resume_from)
+            set_token_row(stable_diffusion.text_encoder, placeholder_token_id, resumed.vectors[0])
+            initial_step = int(resumed.metadata["step"])
+        else:
+            set_token_row(stable_diffusion.text_encoder, placeholder_token_id, initial_row[0])
+        os.makedirs(output_dir, exist_ok=True)
+        train_ds = ti.assemble_train_dataset(args, concept["tokenizer"])
+        ti.train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step)
+        return ti.load_embedding(os.path.join(output_dir, ti.EMBEDDING_FILE))
+
+    try:
+        one_go = run(tmp_path / "one_go", max_steps=4)
+        halfway = run(tmp_path / "split", max_steps=2)
+        assert halfway.metadata["step"] == "2"
+        resumed = run(
+            tmp_path / "split", max_steps=4, resume_from=str(tmp_path / "split" / ti.EMBEDDING_FILE)
+        )
+    finally:
+        set_token_row(stable_diffusion.text_encoder, placeholder_token_id, initial_row[0])
+
+    assert one_go.metadata["step"] == resumed.metadata["step"] == "4"
+    assert read_steps(tmp_path / "one_go" / "loss.csv") == [1, 2, 3, 4]
+    assert read_steps(tmp_path / "split" / "loss.csv") == [1, 2, 3, 4]
+    # The resumed run started from the saved vector, not from "cat" again.
+    assert not np.array_equal(halfway.vectors, initial_row)
+    assert not np.array_equal(resumed.vectors, halfway.vectors)
+
+
+# --- generate --------------------------------------------------------------------------
+
+
+def test_generate_command_writes_images(tmp_path):
+    path = str(tmp_path / ti.EMBEDDING_FILE)
+    vectors = np.random.default_rng(2).normal(scale=0.02, size=(1, 768)).astype("float32")
+    ti.save_embedding(path, "<my-test-token>", vectors, {"step": 3})
+    output_dir = tmp_path / "gen"
+    command = [
+        sys.executable, os.path.join(ROOT, "textual_inversion.py"), "generate",
+        "--embedding", path, "--prompt", "an oil painting of {}",
+        "--batch-size", "2", "--sample-steps", "2",
+        "--random-weights", "--resolution", str(RESOLUTION), "--output-dir", str(output_dir),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(os.listdir(output_dir / "generated"))
+    assert len(written) == 2
+    assert all(name.startswith("an-oil-painting-of-my-test-token") for name in written)
+
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(output_dir / "generated" / written[0]).shape[:2] == (RESOLUTION, RESOLUTION)
+
+
+def test_generate_refuses_a_prompt_without_the_token(tmp_path):
+    path = str(tmp_path / ti.EMBEDDING_FILE)
+    ti.save_embedding(path, "<my-test-token>", np.zeros((1, 768), "float32"), {})
+    with pytest.raises(ti.UserError, match="uses none of the loaded tokens"):
+        ti.main(["generate", "--embedding", path, "--prompt", "a dog", "--random-weights"])
