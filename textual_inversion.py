@@ -29,6 +29,7 @@ import csv
 import math
 import os
 import re
+import signal
 import sys
 import time
 from typing import NamedTuple
@@ -153,6 +154,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 class UserError(Exception):
     """A mistake the user can fix: printed as one sentence, without a traceback."""
 
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    exit_code = 130  # the shell's code for a program ended by Ctrl-C
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -165,6 +172,13 @@ def parse_args(argv=None):
         nargs="+",
         default=SINGLE_IMAGE_URLS,
         help="Images of the concept: URLs, files or folders.",
+    )
+    parser.add_argument(
+        "--prompts",
+        nargs="+",
+        default=SINGLE_PROMPTS,
+        help="Prompt templates for --images, {} standing for the token "
+        "(default: the tutorial's 25).",
     )
     parser.add_argument(
         "--group-images",
@@ -231,7 +245,65 @@ def parse_args(argv=None):
         "(image URLs not in the Keras cache become synthetic stand-ins): for smoke "
         "runs and tests. The generated images are noise.",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Settings the models cannot take, reported before anything is built."""
+    if args.resolution < 128 or args.resolution % 128:
+        raise UserError(
+            f"--resolution {args.resolution} is not a multiple of 128, which the UNet "
+            "needs; use 512 (the tutorial's), 384, 256 or 128."
+        )
+    for flag, value in [
+        ("--batch-size", args.batch_size),
+        ("--epochs", args.epochs),
+        ("--max-train-steps", args.max_train_steps),
+        ("--sample-steps", args.sample_steps),
+    ]:
+        if value is not None and value < 1:
+            raise UserError(f"{flag} is {value}; it must be 1 or more.")
+    for flag, value in [("--sample-every", args.sample_every), ("--save-every", args.save_every)]:
+        if value < 0:
+            raise UserError(f"{flag} is {value}; it must be 0 (never) or more.")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning-rate is {args.learning_rate}; it must be above 0.")
+    for template in args.prompts:
+        if "{}" not in template:
+            raise UserError(
+                f'The prompt template "{template}" has no {{}}; put {{}} where the '
+                'token goes, as in "a photo of my {}".'
+            )
+
+
+def prepare_output_dir(args):
+    """Creates the output folder; refuses to mix a new run into an old one."""
+    output_dir = args.output_dir
+    old_run_files = [
+        name for name in (EMBEDDING_FILE, "loss.csv") if os.path.exists(os.path.join(output_dir, name))
+    ]
+    resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(
+        output_dir
+    )
+    if old_run_files and not resuming_here:
+        existing = os.path.join(output_dir, old_run_files[0])
+        raise UserError(
+            f"{output_dir} already holds a run ({existing}); continue it with --resume "
+            f"{os.path.join(output_dir, EMBEDDING_FILE)}, or choose a new --output-dir."
+        )
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(
+            f"Cannot write to the output folder {output_dir} ({error.strerror}); "
+            "choose another --output-dir."
+        ) from None
 
 
 """
@@ -510,7 +582,7 @@ def assemble_train_dataset(args, tokenizer):
     download = not args.random_weights
     train_ds = assemble_dataset(
         args.images,
-        SINGLE_PROMPTS,
+        args.prompts,
         tokenizer,
         args.placeholder_token,
         args.resolution,
@@ -882,6 +954,30 @@ class StopAfterSteps(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training when the loss or the learned vector stops being finite, and puts
+    back the last good vector, so that it, not the broken one, is what gets saved."""
+
+    def on_train_begin(self, logs=None):
+        self.failed_step = None
+        self.remember_good_state()
+
+    def remember_good_state(self):
+        self.good_vector = self.model.learned_embedding.numpy()
+        self.good_step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        vector = self.model.learned_embedding.numpy()
+        if math.isfinite(float(logs["step_loss"])) and np.isfinite(vector).all():
+            self.remember_good_state()
+            return
+        self.failed_step = int(self.model.optimizer.iterations.numpy())
+        self.model.learned_embedding.assign(self.good_vector)
+        self.model.write_learned_embedding()
+        self.model.optimizer.iterations.assign(self.good_step)
+        self.model.stop_training = True
+
+
 def plot_loss(csv_path, png_path):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -986,15 +1082,50 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
         ),
     ]
 
-    # The dataset shuffles itself; `shuffle=False` only tells Keras so.
-    history = trainer.fit(
-        train_ds,
-        epochs=args.epochs,
-        initial_epoch=initial_step // steps_per_epoch,
-        callbacks=callbacks,
-        shuffle=False,
-    )
+    non_finite_guard = StopOnNonFiniteLoss()
+    callbacks.insert(0, non_finite_guard)
+
+    # Ctrl-C or SIGTERM ends training after the current step; the embedding reached so
+    # far is saved when training ends, as always.
+    signals_received = []
+
+    def stop_after_this_step(signal_number, frame):
+        if signals_received:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        signals_received.append(signal.Signals(signal_number).name)
+        print(f"\n{signals_received[0]}: stopping after this step to save the embedding.")
+        trainer.stop_training = True
+
+    previous_handlers = {
+        sig: signal.signal(sig, stop_after_this_step) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        # The dataset shuffles itself; `shuffle=False` only tells Keras so.
+        history = trainer.fit(
+            train_ds,
+            epochs=args.epochs,
+            initial_epoch=initial_step // steps_per_epoch,
+            callbacks=callbacks,
+            shuffle=False,
+        )
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     plot_loss(os.path.join(args.output_dir, "loss.csv"), os.path.join(args.output_dir, "loss.png"))
+
+    embedding_path = os.path.join(args.output_dir, EMBEDDING_FILE)
+    if non_finite_guard.failed_step:
+        raise UserError(
+            f"The loss became non-finite at step {non_finite_guard.failed_step}, so "
+            f"training stopped; the last good embedding (step {non_finite_guard.good_step}) "
+            f"is in {embedding_path}: lower --learning-rate and --resume from it."
+        )
+    if signals_received:
+        raise Interrupted(
+            f"Stopped by {signals_received[0]} at step "
+            f"{int(trainer.optimizer.iterations.numpy())}; the embedding is saved in "
+            f"{embedding_path}: continue with --resume {embedding_path}."
+        )
     return trainer, history
 
 
@@ -1220,6 +1351,7 @@ def main(argv=None):
     if argv[:1] == ["generate"]:
         return generate(parse_generate_args(argv[1:]))
     args = parse_args(argv)
+    prepare_output_dir(args)
     keras.utils.set_random_seed(args.seed)
 
     resumed = load_embedding(args.resume) if args.resume else None
@@ -1233,7 +1365,6 @@ def main(argv=None):
         tokenizer, args.placeholder_token, args.initializer_token
     )
     train_ds = assemble_train_dataset(args, tokenizer)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     jit_compile = use_xla(args.xla)
     stable_diffusion = build_stable_diffusion(
@@ -1256,4 +1387,4 @@ if __name__ == "__main__":
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_code)

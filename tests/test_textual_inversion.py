@@ -4,8 +4,10 @@ import csv
 import hashlib
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -182,38 +184,68 @@ def test_loss_is_finite_and_falls_on_a_fixed_example(training_run):
 # --- The command line ------------------------------------------------------------------
 
 
-def test_command_line_smoke_run_writes_its_outputs(tmp_path, image_folder):
+def read_loss_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_command_line_run_stopped_by_ctrl_c_then_resumed_writes_its_outputs(
+    tmp_path, image_folder
+):
+    """The script from its command line: a run interrupted by SIGINT after its first
+    step saves the embedding and exits; --resume finishes it, with all the outputs."""
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "textual_inversion.py"),
-        "--random-weights",
-        "--resolution", str(RESOLUTION),
-        "--images", image_folder,
-        "--group-images",
-        "--max-train-steps", "2",
-        "--sample-every", "1",
-        "--sample-steps", "2",
+    embedding_path = output_dir / ti.EMBEDDING_FILE
+    common = [
+        sys.executable, os.path.join(ROOT, "textual_inversion.py"),
+        "--random-weights", "--resolution", str(RESOLUTION),
+        "--images", image_folder, "--group-images",
+        "--sample-every", "1", "--sample-steps", "2",
         "--output-dir", str(output_dir),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ms/step" in result.stdout
+
+    first = subprocess.Popen(
+        common + ["--max-train-steps", "50"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 900
+    while not read_loss_rows(output_dir / "loss.csv") and first.poll() is None:
+        assert time.time() < deadline, "no training step within 15 minutes"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "Stopped by SIGINT" in stderr and "--resume" in stderr
+
+    stopped_at = len(read_loss_rows(output_dir / "loss.csv"))
+    assert 1 <= stopped_at < 50
+    saved = ti.load_embedding(str(embedding_path))
+    assert saved.metadata["step"] == str(stopped_at)
+
+    target = stopped_at + 2
+    second = subprocess.run(
+        common + ["--max-train-steps", str(target), "--resume", str(embedding_path)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "ms/step" in second.stdout
+
+    rows = read_loss_rows(output_dir / "loss.csv")
+    assert [int(row["step"]) for row in rows] == list(range(1, target + 1))
+    assert all(math.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in rows)
+    assert ti.load_embedding(str(embedding_path)).metadata["step"] == str(target)
+    assert os.path.getsize(output_dir / "loss.png") > 0
 
     samples = sorted(os.listdir(output_dir / "samples"))
     slugs = [ti.slugify(p.format(PLACEHOLDER)) for p in ti.SAMPLE_PROMPTS]
     expected = [f"epoch-000_{slugs[0]}.png"] + [f"epoch-001_{slug}.png" for slug in slugs]
     assert samples == sorted(expected)
-    finals = os.listdir(output_dir / "final")
-    assert len(finals) == len(ti.FINAL_PROMPTS)
+    assert len(os.listdir(output_dir / "final")) == len(ti.FINAL_PROMPTS)
 
     import matplotlib.pyplot as plt
 
     sample = plt.imread(output_dir / "samples" / expected[1])
     assert sample.shape[:2] == (RESOLUTION, 3 * RESOLUTION)
-
-    with open(output_dir / "loss.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(row["step"]) for row in rows] == [1, 2]
-    assert all(math.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in rows)
-    assert os.path.getsize(output_dir / "loss.png") > 0

@@ -1,0 +1,175 @@
+"""Mistakes a new user makes end in one clear sentence, before the models are built;
+interruptions and a diverging loss keep what was learned (issue 5)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import textual_inversion as ti
+from conftest import RESOLUTION, ROOT, write_test_images
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_test_images(str(tmp_path / "images"), count=1)
+
+
+def run_main(tmp_path, images, *extra):
+    argv = ["--images", *images, "--group-images", "--output-dir", str(tmp_path / "out"), *extra]
+    ti.main(argv)
+
+
+def expect_user_error(match, tmp_path, images, *extra):
+    with pytest.raises(ti.UserError, match=match) as raised:
+        run_main(tmp_path, images, *extra)
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+# --- Images ----------------------------------------------------------------------------
+
+
+def test_missing_image(tmp_path):
+    expect_user_error("does not exist", tmp_path, [str(tmp_path / "nope.jpg")])
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    expect_user_error("has no images", tmp_path, [str(tmp_path / "empty")])
+
+
+def test_file_that_is_not_an_image(tmp_path):
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("not a picture")
+    expect_user_error("Could not read the image", tmp_path, [str(fake)])
+
+
+def test_truncated_image(tmp_path, images):
+    data = open(images[0], "rb").read()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    expect_user_error("Could not read the image", tmp_path, [str(truncated)])
+
+
+def test_unreachable_url(tmp_path):
+    # Port 9 (discard) on this machine: nothing listens, the connection is refused.
+    message = expect_user_error("Could not download the image", tmp_path, ["http://127.0.0.1:9/cat.jpg"])
+    assert "--images" in message
+
+
+# --- Tokens and prompts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token, match",
+    [
+        ("cat", "already in the vocabulary"),
+        ("<my cat>", "has spaces"),
+        ("", "empty"),
+        ("<My-Cat>", "lowercase"),
+    ],
+)
+def test_bad_placeholder_token(tmp_path, images, token, match):
+    expect_user_error(match, tmp_path, images, "--placeholder-token", token)
+
+
+def test_initializer_of_several_tokens_names_them(tmp_path, images):
+    message = expect_user_error(
+        "not one", tmp_path, images, "--initializer-token", "catdogfish"
+    )
+    tokenizer = ti.build_tokenizer()
+    pieces = [tokenizer.decode([i]).strip() for i in tokenizer.encode("catdogfish")[1:-1]]
+    assert len(pieces) > 1
+    assert ", ".join(pieces) in message
+
+
+def test_prompt_template_without_braces(tmp_path, images):
+    expect_user_error("has no {}", tmp_path, images, "--prompts", "a photo of my cat")
+
+
+def test_prompt_longer_than_77_tokens(tmp_path, images):
+    long_template = "a photo of {} " + "with a very long description " * 15
+    expect_user_error("more than the 77", tmp_path, images, "--prompts", long_template)
+
+
+# --- Numbers and folders ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--resolution", "200", "multiple of 128"),
+        ("--resolution", "64", "multiple of 128"),
+        ("--batch-size", "0", "1 or more"),
+        ("--epochs", "0", "1 or more"),
+        ("--max-train-steps", "0", "1 or more"),
+        ("--sample-steps", "0", "1 or more"),
+    ],
+)
+def test_values_the_model_cannot_take(tmp_path, images, flag, value, match):
+    expect_user_error(match, tmp_path, images, flag, value)
+
+
+def test_output_dir_that_cannot_be_written(tmp_path, images):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    with pytest.raises(ti.UserError, match="Cannot write to the output folder"):
+        ti.main(["--images", *images, "--output-dir", str(a_file / "run")])
+
+
+def test_existing_run_is_never_overwritten(tmp_path, images):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loss.csv").write_text("step,epoch,loss,seconds\n1,1,0.1,1.0\n")
+    message = expect_user_error("already holds a run", tmp_path, images)
+    assert "--resume" in message
+    assert (out / "loss.csv").read_text() == "step,epoch,loss,seconds\n1,1,0.1,1.0\n"
+
+
+def test_the_command_line_prints_one_sentence_and_no_traceback(tmp_path):
+    command = [
+        sys.executable, os.path.join(ROOT, "textual_inversion.py"),
+        "--images", str(tmp_path / "missing.jpg"), "--output-dir", str(tmp_path / "out"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "does not exist" in error_lines[0]
+
+
+# --- During training -------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(concept, tmp_path):
+    stable_diffusion = concept["stable_diffusion"]
+    placeholder_token_id = concept["placeholder_token_id"]
+    row_before = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
+
+    # An image of NaNs makes the very first loss NaN.
+    nan_images = np.full((1, 1, RESOLUTION, RESOLUTION, 3), np.nan, dtype="float32")
+    token_ids = ti.encode_prompt(concept["tokenizer"], "a photo of a <my-funny-cat-token>")
+    train_ds = tf.data.Dataset.zip(
+        (tf.data.Dataset.from_tensor_slices(nan_images), tf.data.Dataset.from_tensors(token_ids[None]))
+    ).repeat(3)
+    args = ti.parse_args(
+        ["--random-weights", "--resolution", str(RESOLUTION), "--sample-every", "0",
+         "--epochs", "1", "--output-dir", str(tmp_path)]
+    )
+    with pytest.raises(ti.UserError, match="non-finite at step 1") as raised:
+        ti.train(stable_diffusion, train_ds, placeholder_token_id, args)
+    assert "--resume" in str(raised.value)
+
+    saved = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))
+    assert np.isfinite(saved.vectors).all()
+    np.testing.assert_array_equal(saved.vectors, row_before)
+    assert saved.metadata["step"] == "0"
+    np.testing.assert_array_equal(
+        ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id]), row_before
+    )
