@@ -26,6 +26,7 @@ images in `final/`.
 
 import argparse
 import csv
+import json
 import math
 import os
 import re
@@ -223,6 +224,7 @@ def parse_args(argv=None):
         help="Compile the models with XLA; auto means on a GPU only (on a CPU, XLA "
         "made training slower in our measurements).",
     )
+    add_precision_flag(parser)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--output-dir", default="outputs")
     parser.add_argument(
@@ -316,13 +318,28 @@ classes with `download_weights=False` instead.
 """
 
 
+def add_precision_flag(parser):
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "mixed_float16", "mixed_bfloat16"],
+        default="float32",
+        help="Keras dtype policy of the models. mixed_float16 (with loss scaling) is "
+        "the usual choice on a GPU; on a CPU without bfloat16 hardware both mixed "
+        "policies were slower in our measurements.",
+    )
+
+
 def use_xla(xla_flag):
     if xla_flag == "auto":
         return bool(tf.config.list_physical_devices("GPU"))
     return xla_flag == "on"
 
 
-def build_stable_diffusion(resolution, tokenizer, random_weights=False, jit_compile=True):
+def build_stable_diffusion(
+    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32"
+):
+    # The dtype policy applies to every layer built from here on.
+    keras.mixed_precision.set_global_policy(precision)
     stable_diffusion = keras_cv.models.StableDiffusion(
         img_height=resolution, img_width=resolution, jit_compile=jit_compile
     )
@@ -719,7 +736,7 @@ A few utilities first:
 
 
 def sample_from_encoder_outputs(outputs, seed=None):
-    mean, logvar = ops.split(outputs, 2, axis=-1)
+    mean, logvar = ops.split(ops.cast(outputs, "float32"), 2, axis=-1)
     logvar = ops.clip(logvar, -30.0, 20.0)
     std = ops.exp(0.5 * logvar)
     sample = keras.random.normal(ops.shape(mean), seed=seed)
@@ -802,6 +819,11 @@ class StableDiffusionFineTuner(keras.Model):
             name="learned_embedding",
         )
         self.learned_embedding.assign(initial_vectors)
+        # Steps taken (batches seen). The optimizer's own count can lag behind it
+        # under mixed_float16, whose loss scaling skips steps that overflow.
+        self.step = self.add_weight(
+            shape=(), dtype="int64", initializer="zeros", trainable=False, name="step"
+        )
         self.position_ids = get_position_ids()
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -848,7 +870,8 @@ class StableDiffusionFineTuner(keras.Model):
         noise_pred = self.stable_diffusion.diffusion_model(
             [noisy_latents, get_timestep_embedding(timesteps), encoder_hidden_state]
         )
-        return ops.mean(ops.square(noise - noise_pred))
+        # In float32 also under mixed precision.
+        return ops.mean(ops.square(noise - ops.cast(noise_pred, "float32")))
 
     def train_step(self, data):
         images, token_ids, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -856,12 +879,17 @@ class StableDiffusionFineTuner(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(embedding_matrix)
             loss = self.compute_denoising_loss(images, token_ids)
+            # Under mixed_float16 the optimizer scales the loss up so that small
+            # float16 gradients do not vanish (it unscales them before the update);
+            # otherwise this returns the loss as it is.
+            scaled_loss = self.optimizer.scale_loss(loss)
 
         # The masked gradient: only the placeholder's rows of the matrix's gradient.
-        embedding_gradient = tape.gradient(loss, embedding_matrix)
+        embedding_gradient = tape.gradient(scaled_loss, embedding_matrix)
         gradient = placeholder_gradient(embedding_gradient, self.placeholder_token_ids)
         self.optimizer.apply_gradients([(gradient, self.learned_embedding)])
         self.write_learned_embedding()
+        self.step.assign_add(1)
 
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result(), "step_loss": loss}
@@ -928,7 +956,7 @@ class LossLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         seconds = time.perf_counter() - self.step_start
         self.step_seconds.append(seconds)
-        step = int(self.model.optimizer.iterations.numpy())
+        step = int(self.model.step.numpy())
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(
                 [step, self.epoch, float(logs["step_loss"]), round(seconds, 4)]
@@ -950,7 +978,7 @@ class StopAfterSteps(keras.callbacks.Callback):
         self.max_steps = max_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) >= self.max_steps:
+        if int(self.model.step.numpy()) >= self.max_steps:
             self.model.stop_training = True
 
 
@@ -964,17 +992,17 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def remember_good_state(self):
         self.good_vector = self.model.learned_embedding.numpy()
-        self.good_step = int(self.model.optimizer.iterations.numpy())
+        self.good_step = int(self.model.step.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
         vector = self.model.learned_embedding.numpy()
         if math.isfinite(float(logs["step_loss"])) and np.isfinite(vector).all():
             self.remember_good_state()
             return
-        self.failed_step = int(self.model.optimizer.iterations.numpy())
+        self.failed_step = int(self.model.step.numpy())
         self.model.learned_embedding.assign(self.good_vector)
         self.model.write_learned_embedding()
-        self.model.optimizer.iterations.assign(self.good_step)
+        self.model.step.assign(self.good_step)
         self.model.stop_training = True
 
 
@@ -1057,6 +1085,7 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
             f"The embedding to resume already has {initial_step} steps, the whole "
             f"run ({total_steps}); raise --epochs or --max-train-steps to go on."
         )
+    trainer.step.assign(initial_step)
     trainer.optimizer.iterations.assign(initial_step)
 
     callbacks = [
@@ -1071,6 +1100,10 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
         for prompt in sample_prompts
         if args.sample_every
     ]
+    if args.sample_every:
+        # Not in the tutorial: one picture of all samples so far (see the end).
+        samples_dir = os.path.join(args.output_dir, "samples")
+        callbacks.append(ProgressMontage(samples_dir, sample_prompts, args.sample_every))
     callbacks += [
         LossLogger(os.path.join(args.output_dir, "loss.csv")),
         StopAfterSteps(total_steps),
@@ -1114,6 +1147,11 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
     plot_loss(os.path.join(args.output_dir, "loss.csv"), os.path.join(args.output_dir, "loss.png"))
 
     embedding_path = os.path.join(args.output_dir, EMBEDDING_FILE)
+    report_nearest_words(
+        stable_diffusion,
+        [placeholder_token_id],
+        os.path.join(args.output_dir, "learned_words.json"),
+    )
     if non_finite_guard.failed_step:
         raise UserError(
             f"The loss became non-finite at step {non_finite_guard.failed_step}, so "
@@ -1123,7 +1161,7 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
     if signals_received:
         raise Interrupted(
             f"Stopped by {signals_received[0]} at step "
-            f"{int(trainer.optimizer.iterations.numpy())}; the embedding is saved in "
+            f"{int(trainer.step.numpy())}; the embedding is saved in "
             f"{embedding_path}: continue with --resume {embedding_path}."
         )
     return trainer, history
@@ -1246,7 +1284,7 @@ class SaveEmbedding(keras.callbacks.Callback):
         self.epoch = 0
 
     def save(self):
-        step = int(self.model.optimizer.iterations.numpy())
+        step = int(self.model.step.numpy())
         metadata = dict(self.metadata, step=step, epoch=self.epoch)
         save_embedding(self.path, self.token, self.model.learned_embedding.numpy(), metadata)
 
@@ -1282,6 +1320,7 @@ def parse_generate_args(argv):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
+    add_precision_flag(parser)
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--output-dir", default="outputs")
     return parser.parse_args(argv)
@@ -1300,12 +1339,9 @@ def add_embeddings(tokenizer, embeddings, paths):
     return np.concatenate([embedding.vectors for embedding in embeddings])
 
 
-def generate(args):
-    tokenizer = build_tokenizer()
-    embeddings = [load_embedding(path) for path in args.embedding]
-    new_rows = add_embeddings(tokenizer, embeddings, args.embedding)
-    tokens = [embedding.token for embedding in embeddings]
-    prompts = [prompt.replace("{}", tokens[0]) for prompt in args.prompt]
+def prompts_with_tokens(prompt_templates, tokenizer, tokens):
+    """The prompts, `{}` standing for the first token; each must use a loaded token."""
+    prompts = [prompt.replace("{}", tokens[0]) for prompt in prompt_templates]
     for prompt in prompts:
         if not any(token in prompt for token in tokens):
             raise UserError(
@@ -1313,14 +1349,30 @@ def generate(args):
                 f"({', '.join(tokens)}); write one into it, or put {{}} where it goes."
             )
         encode_prompt(tokenizer, prompt)  # checks its length
+    return prompts
 
+
+def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
+    """A fresh StableDiffusion whose text encoder has `new_rows` for the tokens that
+    `add_embeddings` added to `tokenizer`."""
     jit_compile = use_xla(args.xla)
     stable_diffusion = build_stable_diffusion(
-        args.resolution, tokenizer, args.random_weights, jit_compile
+        args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
     )
     stable_diffusion._text_encoder = extend_text_encoder(
         stable_diffusion.text_encoder, new_rows, jit_compile
     )
+    return stable_diffusion
+
+
+def generate(args):
+    tokenizer = build_tokenizer()
+    embeddings = [load_embedding(path) for path in args.embedding]
+    new_rows = add_embeddings(tokenizer, embeddings, args.embedding)
+    tokens = [embedding.token for embedding in embeddings]
+    prompts = prompts_with_tokens(args.prompt, tokenizer, tokens)
+    stable_diffusion = build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
+
     written = []
     for prompt in prompts:
         images = stable_diffusion.text_to_image(
@@ -1339,6 +1391,299 @@ def generate(args):
 
 
 """
+## Extras: seeing what was learned
+
+Did it learn the concept, and can it still be edited? Three views.
+
+**A progress montage.** Each sampling epoch rebuilds `samples/progress.png` from the
+sample files: a row per sample prompt, a column per sampling epoch (the first image of
+each batch), so the concept can be seen emerging at a glance.
+"""
+
+MONTAGE_LABEL_HEIGHT = 20  # pixels of label above the columns and above each row
+
+
+def montage_cells(samples_dir, prompts):
+    """{(row, epoch): path} of the sample files of `prompts` found in `samples_dir`."""
+    cells = {}
+    for row, prompt in enumerate(prompts):
+        pattern = re.compile(rf"^epoch-(\d+)_{re.escape(slugify(prompt))}\.png$")
+        for name in os.listdir(samples_dir):
+            match = pattern.match(name)
+            if match:
+                cells[(row, int(match.group(1)))] = os.path.join(samples_dir, name)
+    return cells
+
+
+def build_progress_montage(samples_dir, prompts, path=None):
+    """Draws the montage from the files alone, so a resumed run rebuilds it whole."""
+    path = path or os.path.join(samples_dir, "progress.png")
+    cells = montage_cells(samples_dir, prompts)
+    if not cells:
+        return None
+    epochs = sorted({epoch for _, epoch in cells})
+    tile = plt.imread(next(iter(cells.values()))).shape[0]  # tiles are square
+    label = MONTAGE_LABEL_HEIGHT
+    height = label + len(prompts) * (label + tile)
+    width = len(epochs) * tile
+    canvas = np.ones((height, width, 3), dtype="float32")
+    for (row, epoch), cell_path in cells.items():
+        first_image = plt.imread(cell_path)[:tile, :tile, :3]
+        top = label + row * (label + tile) + label
+        left = epochs.index(epoch) * tile
+        canvas[top : top + tile, left : left + tile] = first_image
+
+    dpi = 100
+    figure = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    axes = figure.add_axes([0, 0, 1, 1])
+    axes.imshow(canvas, interpolation="nearest")
+    axes.set_axis_off()
+    text = dict(fontsize=8, va="center", clip_on=True)
+    for column, epoch in enumerate(epochs):
+        name = "before training" if epoch == 0 else f"epoch {epoch}"
+        axes.text(column * tile + 3, label / 2, name, **text)
+    for row, prompt in enumerate(prompts):
+        axes.text(3, label + row * (label + tile) + label / 2, prompt, **text)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
+class ProgressMontage(keras.callbacks.Callback):
+    """Rebuilds the montage after the sample callbacks of each sampling epoch."""
+
+    def __init__(self, samples_dir, prompts, frequency):
+        super().__init__()
+        self.samples_dir = samples_dir
+        self.prompts = prompts
+        self.frequency = frequency
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch % self.frequency == 0:
+            build_progress_montage(self.samples_dir, self.prompts)
+
+
+"""
+**The nearest words.** For each learned vector: the 5 vocabulary tokens nearest to it by
+cosine similarity, its norm, and the median norm of the vocabulary's rows. Right after
+initialization the nearest word is the initializer itself; a vector far longer than real
+words is a known sign of overtraining (it drowns the rest of the prompt).
+"""
+
+
+def nearest_words(stable_diffusion, token_ids, k=5):
+    tokenizer = stable_diffusion.tokenizer
+    matrix = get_embedding_layer(stable_diffusion.text_encoder).token_embedding.get_weights()[0]
+    vocabulary = np.delete(matrix, token_ids, axis=0)  # the original words only
+    vocabulary_ids = np.delete(np.arange(len(matrix)), token_ids)
+    vocabulary_norms = np.linalg.norm(vocabulary, axis=1)
+    report = []
+    for token_id in token_ids:
+        vector = matrix[token_id]
+        similarity = vocabulary @ vector / (vocabulary_norms * np.linalg.norm(vector) + 1e-12)
+        nearest = np.argsort(-similarity)[:k]
+        report.append(
+            {
+                "token": tokenizer.decoder[int(token_id)],
+                "norm": float(np.linalg.norm(vector)),
+                "vocabulary_median_norm": float(np.median(vocabulary_norms)),
+                "nearest": [
+                    {
+                        "word": tokenizer.decoder[int(vocabulary_ids[i])].replace("</w>", ""),
+                        "cosine": float(similarity[i]),
+                    }
+                    for i in nearest
+                ],
+            }
+        )
+    return report
+
+
+def report_nearest_words(stable_diffusion, token_ids, path=None):
+    report = nearest_words(stable_diffusion, token_ids)
+    for entry in report:
+        words = ", ".join(f"{n['word']} ({n['cosine']:.2f})" for n in entry["nearest"])
+        print(
+            f"{entry['token']}: nearest words {words}; norm {entry['norm']:.3f} "
+            f"(median word {entry['vocabulary_median_norm']:.3f})"
+        )
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+"""
+**The paper's two scores.** `python textual_inversion.py evaluate --embedding FILE
+--images PATHS...` generates `--num-images` images for each evaluation prompt and
+measures them with CLIP ViT-B/32, as the textual-inversion paper (Gal et al., 2022) did:
+
+- *image similarity*: the mean cosine similarity between the CLIP embeddings of the
+  generated images and of the training images (does it look like the concept?);
+- *text similarity* (editability): the mean cosine similarity between each generated
+  image and its prompt with the placeholder left out (does it follow the rest of the
+  prompt?).
+
+CLIP comes from KerasHub, whose weights download like keras-cv's; with
+`--random-weights` the same CLIP classes are built with random weights. Prompts are
+tokenized with the Stable Diffusion tokenizer: both models use the same CLIP BPE.
+"""
+
+EVALUATION_PROMPTS = [
+    "a photo of a {}",  # the concept alone
+    "a photo of a {} on the beach",  # in a scene
+    "an oil painting of a {}",  # in a style
+]
+CLIP_PRESET = "clip_vit_base_patch32"
+CLIP_IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def parse_evaluate_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="textual_inversion.py evaluate",
+        description="Score a learned embedding with CLIP, as the textual-inversion paper.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--embedding", nargs=1, required=True, metavar="FILE")
+    parser.add_argument("--images", nargs="+", required=True, help="The training images.")
+    parser.add_argument("--prompt", nargs="+", default=EVALUATION_PROMPTS)
+    parser.add_argument("--num-images", type=int, default=8, help="Images per prompt.")
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
+    add_precision_flag(parser)
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--output-dir", default="outputs")
+    return parser.parse_args(argv)
+
+
+def build_clip(random_weights):
+    """CLIP ViT-B/32 (KerasHub): the backbone and its image preprocessing."""
+    import keras_hub
+
+    if not random_weights:
+        try:
+            backbone = keras_hub.models.CLIPBackbone.from_preset(CLIP_PRESET)
+            converter = keras_hub.layers.CLIPImageConverter.from_preset(CLIP_PRESET)
+            return backbone, converter
+        except OSError as error:
+            raise UserError(
+                f"Could not download the CLIP weights ({CLIP_PRESET}: {error}); connect "
+                "to the internet, or use --random-weights for a smoke run."
+            ) from None
+    # The architecture of the preset, with random weights.
+    vision = keras_hub.models.CLIPVisionEncoder(
+        patch_size=32, hidden_dim=768, num_layers=12, num_heads=12, intermediate_dim=3072,
+        intermediate_activation="quick_gelu",
+        image_shape=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3),
+    )
+    text = keras_hub.models.CLIPTextEncoder(
+        vocabulary_size=49408, embedding_dim=512, hidden_dim=512, num_layers=12,
+        num_heads=8, intermediate_dim=2048, intermediate_activation="quick_gelu",
+        max_sequence_length=MAX_PROMPT_LENGTH,
+    )
+    backbone = keras_hub.models.CLIPBackbone(vision, text, projection_dim=512)
+    converter = keras_hub.layers.CLIPImageConverter(
+        image_size=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE),
+        scale=[1 / 255 / std for std in CLIP_STD],
+        offset=[-mean / std for mean, std in zip(CLIP_MEAN, CLIP_STD)],
+        interpolation="bicubic",
+    )
+    return backbone, converter
+
+
+def unit_vectors(x):
+    x = np.asarray(x, dtype="float64")
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def clip_image_embeddings(clip, images):
+    """Unit CLIP embeddings of uint8 (or 0..255 float) RGB images of one size."""
+    backbone, converter = clip
+    pixels = converter(np.asarray(images, dtype="float32"))
+    return unit_vectors(backbone.get_vision_embeddings(pixels))
+
+
+def clip_text_embeddings(clip, tokenizer, texts):
+    backbone, _ = clip
+    token_ids = np.stack([encode_prompt(tokenizer, text) for text in texts])
+    return unit_vectors(backbone.get_text_embeddings(token_ids))
+
+
+def clip_scores(generated, training, prompt_embedding):
+    """The paper's image and text similarity of one prompt's generated images."""
+    return {
+        "image_similarity": float(np.mean(generated @ training.T)),
+        "text_similarity": float(np.mean(generated @ prompt_embedding)),
+    }
+
+
+def without_token(prompt, token):
+    return " ".join(prompt.replace(token, " ").split())
+
+
+def evaluate(args):
+    tokenizer = build_tokenizer()
+    embedding = load_embedding(args.embedding[0])
+    new_rows = add_embeddings(tokenizer, [embedding], args.embedding)
+    prompts = prompts_with_tokens(args.prompt, tokenizer, [embedding.token])
+    if args.num_images < 1:
+        raise UserError(f"--num-images is {args.num_images}; it must be 1 or more.")
+    # CLIP's preprocessing: a square center crop at 224 px, pixel values 0..255.
+    training_images = (load_images(resolve_image_files(args.images), CLIP_IMAGE_SIZE) + 1) * 127.5
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    stable_diffusion = build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
+    generated = {}
+    for prompt in prompts:
+        images = stable_diffusion.text_to_image(
+            prompt, batch_size=args.num_images, num_steps=args.sample_steps, seed=args.seed
+        )
+        save_images(images, os.path.join(args.output_dir, "eval", f"{slugify(prompt)}.png"))
+        generated[prompt] = images
+
+    clip = build_clip(args.random_weights)
+    training = clip_image_embeddings(clip, training_images)
+    per_prompt = []
+    for prompt, images in generated.items():
+        text_prompt = without_token(prompt, embedding.token)
+        scores = clip_scores(
+            clip_image_embeddings(clip, images),
+            training,
+            clip_text_embeddings(clip, tokenizer, [text_prompt])[0],
+        )
+        per_prompt.append(dict(prompt=prompt, text_prompt=text_prompt, **scores))
+
+    placeholder_token_id = tokenizer.encoder[embedding.token]
+    result = {
+        "embedding": args.embedding[0],
+        "token": embedding.token,
+        "image_similarity": float(np.mean([p["image_similarity"] for p in per_prompt])),
+        "text_similarity": float(np.mean([p["text_similarity"] for p in per_prompt])),
+        "per_prompt": per_prompt,
+        "clip_model": CLIP_PRESET + (" (random weights)" if args.random_weights else ""),
+        "stable_diffusion": BASE_MODEL + (" (random weights)" if args.random_weights else ""),
+        "num_images": args.num_images,
+        "sample_steps": args.sample_steps,
+        "seed": args.seed,
+        "resolution": args.resolution,
+        "nearest_words": report_nearest_words(stable_diffusion, [placeholder_token_id]),
+    }
+    print(f"{'prompt':<50} {'image sim':>9} {'text sim':>9}")
+    for p in per_prompt:
+        print(f"{p['prompt'][:50]:<50} {p['image_similarity']:>9.3f} {p['text_similarity']:>9.3f}")
+    print(f"{'mean':<50} {result['image_similarity']:>9.3f} {result['text_similarity']:>9.3f}")
+    path = os.path.join(args.output_dir, "eval.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"Wrote {path}.")
+    return result
+
+
+"""
 ## Running it all
 
 `main()` runs the tutorial's steps in order. The cheap ones come first, so that a bad
@@ -1350,6 +1695,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["generate"]:
         return generate(parse_generate_args(argv[1:]))
+    if argv[:1] == ["evaluate"]:
+        return evaluate(parse_evaluate_args(argv[1:]))
     args = parse_args(argv)
     prepare_output_dir(args)
     keras.utils.set_random_seed(args.seed)
@@ -1368,7 +1715,7 @@ def main(argv=None):
 
     jit_compile = use_xla(args.xla)
     stable_diffusion = build_stable_diffusion(
-        args.resolution, tokenizer, args.random_weights, jit_compile
+        args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
     )
     if resumed:
         new_rows = resumed.vectors

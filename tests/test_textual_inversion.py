@@ -127,7 +127,7 @@ def training_run(concept):
         logs = trainer.train_on_batch(images, token_ids, return_dict=True)
         losses.append(float(logs["step_loss"]))
 
-    return dict(
+    yield dict(
         trainer=trainer,
         models=models,
         digests_before=digests_before,
@@ -135,6 +135,10 @@ def training_run(concept):
         matrix_before=matrix_before,
         matrix_after=token_matrix(stable_diffusion).copy(),
         losses=losses,
+    )
+    # Leave the shared models as they were: the new row back to "cat".
+    ti.get_embedding_layer(stable_diffusion.text_encoder).token_embedding.set_weights(
+        [matrix_before]
     )
 
 
