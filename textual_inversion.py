@@ -20,8 +20,18 @@ optimizer and schedule, 50 epochs. Run it:
         --max-train-steps 4 --sample-every 1 --sample-steps 2   # CPU smoke run
 
 Everything a run makes goes into `--output-dir` (default `outputs/`): sample images
-in `samples/`, the loss per step in `loss.csv` and `loss.png`, and the closing
-images in `final/`.
+in `samples/` (and their montage, `samples/progress.png`), the loss per step in
+`loss.csv` and `loss.png`, the learned embedding in `learned_embeds.safetensors`, its
+nearest words in `learned_words.json`, and the closing images in `final/`.
+
+The file reads like the tutorial, top to bottom; what goes beyond it follows the
+tutorial's sections: saving and resuming, then two more commands that work from a
+saved embedding,
+
+    python textual_inversion.py generate --embedding FILE --prompt "an oil painting of {}"
+    python textual_inversion.py evaluate --embedding FILE --images my_photos/
+
+which draw with it, and score it with CLIP as the textual-inversion paper did.
 """
 
 import argparse
@@ -218,6 +228,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--placeholder-token", default="<my-funny-cat-token>")
     parser.add_argument("--initializer-token", default="cat")
+    parser.add_argument(
+        "--num-vectors",
+        type=int,
+        default=1,
+        help="Learn the concept as this many consecutive new tokens, each its own "
+        "vector, all starting from the initializer word (1: the tutorial).",
+    )
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument(
         "--max-train-steps",
@@ -282,19 +299,25 @@ def parse_args(argv=None):
         tutorial_images = args.images == SINGLE_IMAGE_URLS and args.learnable_property == "object"
         args.group_images = GROUP_IMAGE_URLS if tutorial_images else []
     check_args(args)
+    args.placeholder_text = placeholder_text(args.placeholder_token, args.num_vectors)
     return args
+
+
+def check_resolution(resolution):
+    if resolution < 128 or resolution % 128:
+        raise UserError(
+            f"--resolution {resolution} is not a multiple of 128, which the UNet "
+            "needs; use 512 (the tutorial's), 384, 256 or 128."
+        )
 
 
 def check_args(args):
     """Settings the models cannot take, reported before anything is built."""
-    if args.resolution < 128 or args.resolution % 128:
-        raise UserError(
-            f"--resolution {args.resolution} is not a multiple of 128, which the UNet "
-            "needs; use 512 (the tutorial's), 384, 256 or 128."
-        )
+    check_resolution(args.resolution)
     for flag, value in [
         ("--batch-size", args.batch_size),
         ("--epochs", args.epochs),
+        ("--num-vectors", args.num_vectors),
         ("--max-train-steps", args.max_train_steps),
         ("--sample-steps", args.sample_steps),
     ]:
@@ -642,7 +665,7 @@ def assemble_train_dataset(args, tokenizer):
                 uncaptioned,
                 args.prompts,
                 tokenizer,
-                args.placeholder_token,
+                args.placeholder_text,
                 args.resolution,
                 download,
             )
@@ -653,7 +676,7 @@ def assemble_train_dataset(args, tokenizer):
                 captioned,
                 [captions[path] for path in captioned],
                 tokenizer,
-                args.placeholder_token,
+                args.placeholder_text,
                 args.resolution,
             )
         )
@@ -665,7 +688,7 @@ def assemble_train_dataset(args, tokenizer):
             args.group_images,
             GROUP_PROMPTS,
             tokenizer,
-            args.placeholder_token,
+            args.placeholder_text,
             args.resolution,
             download,
         )
@@ -751,8 +774,8 @@ def check_new_token(tokenizer, token):
         )
 
 
-def add_placeholder_token(tokenizer, placeholder_token, initializer_token):
-    """Adds the placeholder to the tokenizer; returns (its id, the initializer's id)."""
+def add_placeholder_token(tokenizer, placeholder_token, initializer_token, num_vectors=1):
+    """Adds the placeholder to the tokenizer; returns (its ids, the initializer's id)."""
     initializer_ids = tokenizer.encode(initializer_token)[1:-1]
     if len(initializer_ids) != 1:
         pieces = [tokenizer.decode([i]).strip() for i in initializer_ids]
@@ -760,15 +783,50 @@ def add_placeholder_token(tokenizer, placeholder_token, initializer_token):
             f'The initializer word "{initializer_token}" is {len(initializer_ids)} '
             f"tokens ({', '.join(pieces)}), not one; pick a single-token word."
         )
-    check_new_token(tokenizer, placeholder_token)
-    tokenizer.add_tokens(placeholder_token)
-    return tokenizer.encoder[placeholder_token], initializer_ids[0]
+    return add_new_tokens(tokenizer, placeholder_token, num_vectors), initializer_ids[0]
 
 
 def token_rows(text_encoder, token_ids):
     """The embedding rows of `token_ids`, as a numpy array."""
     token_weights = get_embedding_layer(text_encoder).token_embedding.get_weights()[0]
     return token_weights[np.array(token_ids)]
+
+
+"""
+Not in the tutorial: `--num-vectors N` lets the concept be N consecutive new tokens,
+`<my-funny-cat-token> <my-funny-cat-token-1> ...`, each with a vector of its own, as in
+diffusers and AUTOMATIC1111. Prompts name the placeholder once; it is written out as
+all N tokens before tokenizing. With N=1 (the default) this is the tutorial.
+"""
+
+
+def placeholder_names(token, num_vectors):
+    extra = [
+        f"{token[:-1]}-{i}>" if token.endswith(">") else f"{token}-{i}"
+        for i in range(1, num_vectors)
+    ]
+    return [token] + extra
+
+
+def placeholder_text(token, num_vectors):
+    return " ".join(placeholder_names(token, num_vectors))
+
+
+def add_new_tokens(tokenizer, token, num_vectors):
+    """Adds the token's names to the tokenizer; returns their ids, in name order."""
+    names = placeholder_names(token, num_vectors)
+    for name in names:
+        check_new_token(tokenizer, name)
+    # The tokenizer finds added tokens with a regex that tries them in the order they
+    # were added: the longer names go first, so that "<t>" never matches in "<t-1>".
+    tokenizer.add_tokens(names[::-1])
+    return [tokenizer.encoder[name] for name in names]
+
+
+def rows_in_id_order(vectors, token_ids):
+    """`vectors` (in name order) reordered to the order of their token ids, the
+    order in which `extend_text_encoder` appends rows."""
+    return np.asarray(vectors)[np.argsort(token_ids)]
 
 
 def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
@@ -1148,8 +1206,8 @@ def build_trainer(
     return trainer
 
 
-def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0):
-    sample_prompts = [p.format(args.placeholder_token) for p in SAMPLE_PROMPTS]
+def train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step=0):
+    sample_prompts = [p.format(args.placeholder_text) for p in SAMPLE_PROMPTS]
     if args.sample_every and not initial_step:
         before = stable_diffusion.text_to_image(
             sample_prompts[0], seed=args.seed, batch_size=3, num_steps=args.sample_steps
@@ -1164,7 +1222,7 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
     )
     trainer = build_trainer(
         stable_diffusion,
-        [placeholder_token_id],
+        placeholder_token_ids,
         learning_rate,
         seed=args.seed,
         jit_compile=use_xla(args.xla),
@@ -1243,7 +1301,7 @@ def train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step=0
     embedding_path = os.path.join(args.output_dir, EMBEDDING_FILE)
     report_nearest_words(
         stable_diffusion,
-        [placeholder_token_id],
+        placeholder_token_ids,
         os.path.join(args.output_dir, "learned_words.json"),
     )
     if non_finite_guard.failed_step:
@@ -1271,7 +1329,7 @@ like any other word. The tutorial's closing prompts:
 
 def generate_final_images(stable_diffusion, args):
     for prompt in FINAL_PROMPTS:
-        prompt = prompt.format(*[args.placeholder_token] * prompt.count("{}"))
+        prompt = prompt.format(*[args.placeholder_text] * prompt.count("{}"))
         images = stable_diffusion.text_to_image(
             prompt, batch_size=3, num_steps=args.sample_steps, seed=args.seed
         )
@@ -1358,11 +1416,6 @@ def load_embedding(path):
             f"token vectors are {EMBEDDING_WIDTH} wide (Stable Diffusion 1.x); "
             "embeddings for SD 2.x (1024) or SDXL do not fit it."
         )
-    if vectors.shape[0] != 1:
-        raise UserError(
-            f"The embedding in {path} has {vectors.shape[0]} vectors; this script "
-            "loads single-vector embeddings only."
-        )
     return LearnedEmbedding(token, vectors, metadata)
 
 
@@ -1410,6 +1463,11 @@ def parse_generate_args(argv):
     parser.add_argument("--embedding", nargs="+", required=True, metavar="FILE")
     parser.add_argument("--prompt", nargs="+", required=True)
     parser.add_argument("--batch-size", type=int, default=3)
+    return parse_drawing_args(parser, argv)
+
+
+def parse_drawing_args(parser, argv):
+    """Adds the flags `generate` and `evaluate` share, parses and checks them."""
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--resolution", type=int, default=512)
@@ -1417,32 +1475,47 @@ def parse_generate_args(argv):
     add_precision_flag(parser)
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--output-dir", default="outputs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_resolution(args.resolution)
+    for flag in ("batch_size", "num_images", "sample_steps"):
+        value = getattr(args, flag, 1)
+        if value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} is {value}; it must be 1 or more.")
+    return args
 
 
 def add_embeddings(tokenizer, embeddings, paths):
-    """Adds each embedding's token to the tokenizer; returns all their vectors."""
+    """Adds each embedding's tokens to the tokenizer; returns the rows to append to
+    the text encoder, in token id order."""
+    vectors, token_ids = [], []
     for embedding, path in zip(embeddings, paths):
         if embedding.token in tokenizer.encoder:
             raise UserError(
                 f"The token {embedding.token} of {path} is already in the vocabulary "
                 "(it is a word, or another --embedding has it); load one file per token."
             )
-        check_new_token(tokenizer, embedding.token)
-        tokenizer.add_tokens(embedding.token)
-    return np.concatenate([embedding.vectors for embedding in embeddings])
+        token_ids += add_new_tokens(tokenizer, embedding.token, len(embedding.vectors))
+        vectors.append(embedding.vectors)
+    return rows_in_id_order(np.concatenate(vectors), token_ids)
 
 
-def prompts_with_tokens(prompt_templates, tokenizer, tokens):
-    """The prompts, `{}` standing for the first token; each must use a loaded token."""
-    prompts = [prompt.replace("{}", tokens[0]) for prompt in prompt_templates]
-    for prompt in prompts:
+def prompts_with_tokens(prompt_templates, tokenizer, embeddings):
+    """The prompts, `{}` standing for the first embedding's token, each token written
+    out as all its vectors' names; each prompt must use a loaded token."""
+    tokens = [embedding.token for embedding in embeddings]
+    prompts = []
+    for prompt in prompt_templates:
+        prompt = prompt.replace("{}", tokens[0])
         if not any(token in prompt for token in tokens):
             raise UserError(
                 f'The prompt "{prompt}" uses none of the loaded tokens '
                 f"({', '.join(tokens)}); write one into it, or put {{}} where it goes."
             )
+        for embedding in embeddings:
+            text = placeholder_text(embedding.token, len(embedding.vectors))
+            prompt = prompt.replace(embedding.token, text)
         encode_prompt(tokenizer, prompt)  # checks its length
+        prompts.append(prompt)
     return prompts
 
 
@@ -1463,8 +1536,7 @@ def generate(args):
     tokenizer = build_tokenizer()
     embeddings = [load_embedding(path) for path in args.embedding]
     new_rows = add_embeddings(tokenizer, embeddings, args.embedding)
-    tokens = [embedding.token for embedding in embeddings]
-    prompts = prompts_with_tokens(args.prompt, tokenizer, tokens)
+    prompts = prompts_with_tokens(args.prompt, tokenizer, embeddings)
     stable_diffusion = build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
 
     written = []
@@ -1644,14 +1716,7 @@ def parse_evaluate_args(argv):
     parser.add_argument("--images", nargs="+", required=True, help="The training images.")
     parser.add_argument("--prompt", nargs="+", default=EVALUATION_PROMPTS)
     parser.add_argument("--num-images", type=int, default=8, help="Images per prompt.")
-    parser.add_argument("--sample-steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
-    add_precision_flag(parser)
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--output-dir", default="outputs")
-    return parser.parse_args(argv)
+    return parse_drawing_args(parser, argv)
 
 
 def build_clip(random_weights):
@@ -1715,17 +1780,17 @@ def clip_scores(generated, training, prompt_embedding):
     }
 
 
-def without_token(prompt, token):
-    return " ".join(prompt.replace(token, " ").split())
+def without_token(prompt, token, num_vectors=1):
+    for name in placeholder_names(token, num_vectors):
+        prompt = prompt.replace(name, " ")
+    return " ".join(prompt.split())
 
 
 def evaluate(args):
     tokenizer = build_tokenizer()
     embedding = load_embedding(args.embedding[0])
     new_rows = add_embeddings(tokenizer, [embedding], args.embedding)
-    prompts = prompts_with_tokens(args.prompt, tokenizer, [embedding.token])
-    if args.num_images < 1:
-        raise UserError(f"--num-images is {args.num_images}; it must be 1 or more.")
+    prompts = prompts_with_tokens(args.prompt, tokenizer, [embedding])
     # CLIP's preprocessing: a square center crop at 224 px, pixel values 0..255.
     training_images = (load_images(resolve_image_files(args.images), CLIP_IMAGE_SIZE) + 1) * 127.5
     os.makedirs(args.output_dir, exist_ok=True)
@@ -1743,7 +1808,7 @@ def evaluate(args):
     training = clip_image_embeddings(clip, training_images)
     per_prompt = []
     for prompt, images in generated.items():
-        text_prompt = without_token(prompt, embedding.token)
+        text_prompt = without_token(prompt, embedding.token, len(embedding.vectors))
         scores = clip_scores(
             clip_image_embeddings(clip, images),
             training,
@@ -1751,7 +1816,10 @@ def evaluate(args):
         )
         per_prompt.append(dict(prompt=prompt, text_prompt=text_prompt, **scores))
 
-    placeholder_token_id = tokenizer.encoder[embedding.token]
+    placeholder_token_ids = [
+        tokenizer.encoder[name]
+        for name in placeholder_names(embedding.token, len(embedding.vectors))
+    ]
     result = {
         "embedding": args.embedding[0],
         "token": embedding.token,
@@ -1764,7 +1832,7 @@ def evaluate(args):
         "sample_steps": args.sample_steps,
         "seed": args.seed,
         "resolution": args.resolution,
-        "nearest_words": report_nearest_words(stable_diffusion, [placeholder_token_id]),
+        "nearest_words": report_nearest_words(stable_diffusion, placeholder_token_ids),
     }
     print(f"{'prompt':<50} {'image sim':>9} {'text sim':>9}")
     for p in per_prompt:
@@ -1796,14 +1864,17 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
 
     resumed = load_embedding(args.resume) if args.resume else None
-    if resumed and resumed.token != args.placeholder_token:
-        print(f"Resuming the embedding of {resumed.token} from {args.resume}.")
+    if resumed:
+        if resumed.token != args.placeholder_token:
+            print(f"Resuming the embedding of {resumed.token} from {args.resume}.")
         args.placeholder_token = resumed.token
+        args.num_vectors = len(resumed.vectors)
+        args.placeholder_text = placeholder_text(args.placeholder_token, args.num_vectors)
     initial_step = int(resumed.metadata.get("step", 0)) if resumed else 0
 
     tokenizer = build_tokenizer()
-    placeholder_token_id, initializer_token_id = add_placeholder_token(
-        tokenizer, args.placeholder_token, args.initializer_token
+    placeholder_token_ids, initializer_token_id = add_placeholder_token(
+        tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors
     )
     train_ds = assemble_train_dataset(args, tokenizer)
 
@@ -1812,14 +1883,16 @@ def main(argv=None):
         args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
     )
     if resumed:
-        new_rows = resumed.vectors
+        new_rows = rows_in_id_order(resumed.vectors, placeholder_token_ids)
     else:
-        new_rows = token_rows(stable_diffusion.text_encoder, [initializer_token_id])
+        new_rows = token_rows(
+            stable_diffusion.text_encoder, [initializer_token_id] * args.num_vectors
+        )
     stable_diffusion._text_encoder = extend_text_encoder(
         stable_diffusion.text_encoder, new_rows, jit_compile
     )
     freeze_models(stable_diffusion)
-    train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step)
+    train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step)
     generate_final_images(stable_diffusion, args)
 
 

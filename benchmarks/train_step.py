@@ -264,7 +264,7 @@ def build_tutorial_trainer(stable_diffusion, jit_compile):
 
 def build_models(resolution, jit_compile):
     tokenizer = ti.build_tokenizer()
-    placeholder_token_id, initializer_token_id = ti.add_placeholder_token(
+    (placeholder_token_id,), initializer_token_id = ti.add_placeholder_token(
         tokenizer, PLACEHOLDER_TOKEN, INITIALIZER_TOKEN
     )
     stable_diffusion = ti.build_stable_diffusion(

@@ -46,6 +46,20 @@ def write_test_images(folder, count=2, size=160):
     return paths
 
 
+def run_script(*arguments, timeout=900):
+    """Runs textual_inversion.py as a user would, from its command line."""
+    import subprocess
+
+    command = [sys.executable, os.path.join(ROOT, "textual_inversion.py"), *map(str, arguments)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def save_random_embedding(path, token, seed):
+    vectors = np.random.default_rng(seed).normal(scale=0.02, size=(1, 768)).astype("float32")
+    ti.save_embedding(str(path), token, vectors, {"step": 3})
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("images"))
@@ -62,7 +76,7 @@ def concept(image_folder):
     keras.utils.set_random_seed(0)
     tokenizer = ti.build_tokenizer()
     vocab_size_before = len(tokenizer.vocab)
-    placeholder_token_id, initializer_token_id = ti.add_placeholder_token(
+    (placeholder_token_id,), initializer_token_id = ti.add_placeholder_token(
         tokenizer, "<my-funny-cat-token>", "cat"
     )
     stable_diffusion = ti.build_stable_diffusion(

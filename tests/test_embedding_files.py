@@ -2,8 +2,6 @@
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import safetensors
 import tensorflow as tf
 
 import textual_inversion as ti
-from conftest import RESOLUTION, ROOT
+from conftest import RESOLUTION, run_script, save_random_embedding
 
 PLACEHOLDER = "<my-funny-cat-token>"
 
@@ -149,7 +147,7 @@ def test_stopped_and_resumed_run_ends_after_the_same_steps_as_one_go(
             set_token_row(stable_diffusion.text_encoder, placeholder_token_id, initial_row[0])
         os.makedirs(output_dir, exist_ok=True)
         train_ds = ti.assemble_train_dataset(args, concept["tokenizer"])
-        ti.train(stable_diffusion, train_ds, placeholder_token_id, args, initial_step)
+        ti.train(stable_diffusion, train_ds, [placeholder_token_id], args, initial_step)
         return ti.load_embedding(os.path.join(output_dir, ti.EMBEDDING_FILE))
 
     try:
@@ -174,17 +172,13 @@ def test_stopped_and_resumed_run_ends_after_the_same_steps_as_one_go(
 
 
 def test_generate_command_writes_images(tmp_path):
-    path = str(tmp_path / ti.EMBEDDING_FILE)
-    vectors = np.random.default_rng(2).normal(scale=0.02, size=(1, 768)).astype("float32")
-    ti.save_embedding(path, "<my-test-token>", vectors, {"step": 3})
+    path = save_random_embedding(tmp_path / ti.EMBEDDING_FILE, "<my-test-token>", seed=2)
     output_dir = tmp_path / "gen"
-    command = [
-        sys.executable, os.path.join(ROOT, "textual_inversion.py"), "generate",
-        "--embedding", path, "--prompt", "an oil painting of {}",
-        "--batch-size", "2", "--sample-steps", "2",
-        "--random-weights", "--resolution", str(RESOLUTION), "--output-dir", str(output_dir),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = run_script(
+        "generate", "--embedding", path, "--prompt", "an oil painting of {}",
+        "--batch-size", 2, "--sample-steps", 2,
+        "--random-weights", "--resolution", RESOLUTION, "--output-dir", output_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     written = sorted(os.listdir(output_dir / "generated"))
     assert len(written) == 2

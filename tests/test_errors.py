@@ -163,7 +163,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(concept, tmp_pa
          "--epochs", "1", "--output-dir", str(tmp_path)]
     )
     with pytest.raises(ti.UserError, match="non-finite at step 1") as raised:
-        ti.train(stable_diffusion, train_ds, placeholder_token_id, args)
+        ti.train(stable_diffusion, train_ds, [placeholder_token_id], args)
     assert "--resume" in str(raised.value)
 
     saved = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))

@@ -6,7 +6,6 @@ same code (plus Keras's loss scaling), but its numerics are not checked here.
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import textual_inversion as ti

@@ -70,13 +70,10 @@ def test_before_training_the_nearest_word_is_the_initializer(concept, tmp_path):
 # --- The paper's CLIP scores -----------------------------------------------------------
 
 import math  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from conftest import RESOLUTION, ROOT  # noqa: E402
+from conftest import RESOLUTION, run_script, save_random_embedding  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +103,13 @@ def test_the_text_prompt_leaves_the_placeholder_out():
 
 
 def test_evaluate_command_writes_both_scores(tmp_path, image_folder):
-    path = str(tmp_path / ti.EMBEDDING_FILE)
-    vectors = np.random.default_rng(3).normal(scale=0.02, size=(1, 768)).astype("float32")
-    ti.save_embedding(path, "<my-eval-token>", vectors, {"step": 3})
+    path = save_random_embedding(tmp_path / ti.EMBEDDING_FILE, "<my-eval-token>", seed=3)
     output_dir = tmp_path / "eval"
-    command = [
-        sys.executable, os.path.join(ROOT, "textual_inversion.py"), "evaluate",
-        "--embedding", path, "--images", image_folder,
-        "--num-images", "2", "--sample-steps", "2",
-        "--random-weights", "--resolution", str(RESOLUTION), "--output-dir", str(output_dir),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = run_script(
+        "evaluate", "--embedding", path, "--images", image_folder,
+        "--num-images", 2, "--sample-steps", 2,
+        "--random-weights", "--resolution", RESOLUTION, "--output-dir", output_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((output_dir / "eval.json").read_text())
     assert len(report["per_prompt"]) == len(ti.EVALUATION_PROMPTS)
