@@ -79,6 +79,13 @@ def parse_args(argv=None):
         "--sample-steps", type=int, default=3, help="Diffusion steps to time sampling."
     )
     parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "mixed_float16", "mixed_bfloat16"],
+        default="float32",
+        help="Ours in this dtype policy; the tutorial's code is float32 only, so with "
+        "a mixed policy it gets models of its own, in float32.",
+    )
     return parser.parse_args(argv)
 
 
@@ -262,13 +269,14 @@ def build_tutorial_trainer(stable_diffusion, jit_compile):
 """
 
 
-def build_models(resolution, jit_compile):
+def build_models(resolution, jit_compile, precision="float32"):
     tokenizer = ti.build_tokenizer()
     (placeholder_token_id,), initializer_token_id = ti.add_placeholder_token(
         tokenizer, PLACEHOLDER_TOKEN, INITIALIZER_TOKEN
     )
     stable_diffusion = ti.build_stable_diffusion(
-        resolution, tokenizer, random_weights=True, jit_compile=jit_compile
+        resolution, tokenizer, random_weights=True, jit_compile=jit_compile,
+        precision=precision,
     )
     # As ti.main() does: the new row starts as a copy of the initializer's row.
     new_rows = ti.token_rows(stable_diffusion.text_encoder, [initializer_token_id])
@@ -333,17 +341,16 @@ def main(argv=None):
     device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     print(
         f"device {device}, {args.resolution}px, batch {args.batch_size}, "
-        f"XLA {'on' if jit_compile else 'off'}, {args.steps} timed steps per trainer"
+        f"XLA {'on' if jit_compile else 'off'}, {args.steps} timed steps per trainer, "
+        f"ours in {args.precision}"
     )
 
     start = time.perf_counter()
     stable_diffusion, tokenizer, placeholder_token_id = build_models(
-        args.resolution, jit_compile
+        args.resolution, jit_compile, args.precision
     )
     print(f"built the models in {time.perf_counter() - start:.1f} s")
     images, token_ids = make_batch(tokenizer, args.resolution, args.batch_size)
-    token_embedding = ti.get_embedding_layer(stable_diffusion.text_encoder).token_embedding
-    saved_token_matrix = token_embedding.get_weights()
 
     # Ours: the text encoder frozen (ti.freeze_models), one (1, 768) vector trains.
     ours = ti.build_trainer(
@@ -355,12 +362,15 @@ def main(argv=None):
     )
     ours_weights = [tuple(w.shape) for w in ours.trainable_weights]
     ours_first = timed_step(ours, images, token_ids)  # traces with these flags
+    tutorial_sd = stable_diffusion
+    if args.precision != "float32":
+        tutorial_sd, _, _ = build_models(args.resolution, jit_compile, "float32")
+    token_embedding = ti.get_embedding_layer(tutorial_sd.text_encoder).token_embedding
+    saved_token_matrix = token_embedding.get_weights()
     # Tutorial: its flags must be set before its train function is traced.
-    set_tutorial_trainable(stable_diffusion)
-    tutorial_weights = [
-        tuple(w.shape) for w in stable_diffusion.text_encoder.trainable_weights
-    ]
-    tutorial = build_tutorial_trainer(stable_diffusion, jit_compile)
+    set_tutorial_trainable(tutorial_sd)
+    tutorial_weights = [tuple(w.shape) for w in tutorial_sd.text_encoder.trainable_weights]
+    tutorial = build_tutorial_trainer(tutorial_sd, jit_compile)
     tutorial_first = timed_step(tutorial, images, token_ids)
 
     print(f"trainable weights: tutorial {tutorial_weights}, ours {ours_weights}")
@@ -393,7 +403,7 @@ def main(argv=None):
 
     # The tutorial trained (and weight-decayed) the shared token matrix: restore it.
     token_embedding.set_weights(saved_token_matrix)
-    ti.freeze_models(stable_diffusion)
+    ti.freeze_models(tutorial_sd)
 
     sample_ms, decoder_ms = time_sampling(stable_diffusion, args.sample_steps)
     print(
@@ -403,7 +413,8 @@ def main(argv=None):
     memory_label, memory_bytes = peak_memory()
     print(f"{memory_label}: {memory_bytes / 1e9:.1f} GB")
     print(
-        f"summary: {device} {args.resolution}px batch {args.batch_size}: "
+        f"summary: {device} {args.resolution}px batch {args.batch_size} "
+        f"(ours {args.precision}, XLA {'on' if jit_compile else 'off'}): "
         f"tutorial {tutorial_ms:.0f} ms/step, ours {ours_ms:.0f} ms/step "
         f"({ours_ms / tutorial_ms:.2f}x), {memory_label} {memory_bytes / 1e9:.1f} GB, "
         f"sampling {sample_ms:.0f} ms/diffusion step"
