@@ -1721,7 +1721,13 @@ def parse_evaluate_args(argv):
 
 def build_clip(random_weights):
     """CLIP ViT-B/32 (KerasHub): the backbone and its image preprocessing."""
-    import keras_hub
+    try:
+        import keras_hub
+    except ImportError:
+        raise UserError(
+            "The evaluate command needs KerasHub for CLIP; install it with "
+            "pip install keras-hub==0.32.0 (see requirements.txt)."
+        ) from None
 
     if not random_weights:
         try:

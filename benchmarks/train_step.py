@@ -76,7 +76,10 @@ def parse_args(argv=None):
         help="Untimed steps per trainer after its first (tracing) step.",
     )
     parser.add_argument(
-        "--sample-steps", type=int, default=3, help="Diffusion steps to time sampling."
+        "--sample-steps",
+        type=int,
+        default=3,
+        help="Diffusion steps to time sampling (0: do not time sampling).",
     )
     parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
     parser.add_argument(
@@ -371,30 +374,38 @@ def main(argv=None):
     set_tutorial_trainable(tutorial_sd)
     tutorial_weights = [tuple(w.shape) for w in tutorial_sd.text_encoder.trainable_weights]
     tutorial = build_tutorial_trainer(tutorial_sd, jit_compile)
-    tutorial_first = timed_step(tutorial, images, token_ids)
+    try:
+        tutorial_first = timed_step(tutorial, images, token_ids)
+    except tf.errors.InvalidArgumentError as error:
+        # Under XLA the tutorial's tf.reshape(tf.where(indices == 49408), ()) fails.
+        print(f"tutorial: its train step fails ({str(error).splitlines()[0]}); timing ours only")
+        tutorial = None
 
     print(f"trainable weights: tutorial {tutorial_weights}, ours {ours_weights}")
-    print(
-        f"optimizer slots: tutorial {optimizer_slot_shapes(tutorial)}, "
-        f"ours {optimizer_slot_shapes(ours)}"
-    )
+    tutorial_slots = optimizer_slot_shapes(tutorial) if tutorial else "(not run)"
+    print(f"optimizer slots: tutorial {tutorial_slots}, ours {optimizer_slot_shapes(ours)}")
     assert tutorial_weights == [(49409, 768)], tutorial_weights
     assert ours_weights == [(1, 768)], ours_weights
-    assert optimizer_slot_shapes(tutorial) == [(49409, 768)]
     assert optimizer_slot_shapes(ours) == [(1, 768)]
-    print(
-        f"first step (tracing): tutorial {tutorial_first:.1f} s, ours {ours_first:.1f} s "
-        "(ours ran first, so it also pays for one-time setup)"
-    )
+    trainers = {"ours": ours}
+    if tutorial is not None:
+        assert optimizer_slot_shapes(tutorial) == [(49409, 768)]
+        trainers = {"tutorial": tutorial, "ours": ours}
+        print(
+            f"first step (tracing): tutorial {tutorial_first:.1f} s, ours {ours_first:.1f} s "
+            "(ours ran first, so it also pays for one-time setup)"
+        )
+    else:
+        print(f"first step (tracing): ours {ours_first:.1f} s")
 
     for _ in range(args.warmup):
-        timed_step(tutorial, images, token_ids)
-        timed_step(ours, images, token_ids)
-    times = {"tutorial": [], "ours": []}
+        for trainer in trainers.values():
+            timed_step(trainer, images, token_ids)
+    times = {name: [] for name in trainers}
     for _ in range(args.steps):
-        times["tutorial"].append(timed_step(tutorial, images, token_ids))
-        times["ours"].append(timed_step(ours, images, token_ids))
-    tutorial_ms = 1000 * np.median(times["tutorial"])
+        for name, trainer in trainers.items():
+            times[name].append(timed_step(trainer, images, token_ids))
+    tutorial_ms = 1000 * np.median(times["tutorial"]) if tutorial else float("nan")
     ours_ms = 1000 * np.median(times["ours"])
     for name, seconds in times.items():
         steps = ", ".join(f"{1000 * s:.0f}" for s in seconds)
@@ -405,11 +416,13 @@ def main(argv=None):
     token_embedding.set_weights(saved_token_matrix)
     ti.freeze_models(tutorial_sd)
 
-    sample_ms, decoder_ms = time_sampling(stable_diffusion, args.sample_steps)
-    print(
-        f"sampling: {sample_ms:.0f} ms/diffusion step (batch 3, {args.sample_steps} "
-        f"steps; the decoder's {decoder_ms:.0f} ms subtracted)"
-    )
+    sample_ms = float("nan")
+    if args.sample_steps:
+        sample_ms, decoder_ms = time_sampling(stable_diffusion, args.sample_steps)
+        print(
+            f"sampling: {sample_ms:.0f} ms/diffusion step (batch 3, {args.sample_steps} "
+            f"steps; the decoder's {decoder_ms:.0f} ms subtracted)"
+        )
     memory_label, memory_bytes = peak_memory()
     print(f"{memory_label}: {memory_bytes / 1e9:.1f} GB")
     print(
