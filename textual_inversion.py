@@ -1165,7 +1165,7 @@ def plot_loss(csv_path, png_path):
     losses = np.array([float(row["loss"]) for row in rows])
     plt.figure(figsize=(8, 4))
     plt.plot(steps, losses, alpha=0.4, label="loss per step")
-    window = min(50, len(losses))
+    window = min(50, len(losses) // 3)
     if window > 1:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         plt.plot(steps[window - 1 :], smooth, label=f"mean of {window} steps")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Makes the README's figures from a CPU smoke run with RANDOM weights (no downloads).
 # Random weights draw noise: these pictures show what the script writes, not what it
-# learns. One prompt template makes an epoch 5 steps long, so that 3 epochs give the
-# montage a few columns. Run from the repository root: bash images/make_figures.sh
+# learns. No group images and one prompt template make an epoch 5 steps long, so
+# that 3 epochs give the montage a few columns. Run from the repository root:
+#   bash images/make_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=$(mktemp -d)/run
-python textual_inversion.py --random-weights --resolution 128 --prompts "a photo of a {}" \
+python textual_inversion.py --random-weights --resolution 128 --group-images \
+    --prompts "a photo of a {}" \
     --epochs 3 --sample-every 1 --sample-steps 2 --output-dir "$run"
 cp "$run/loss.png" images/random-weights-loss.png
 cp "$run/samples/progress.png" images/random-weights-progress.png
