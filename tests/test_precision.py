@@ -4,6 +4,8 @@ bfloat16 is what this CPU can run; mixed_float16 is the GPU path and goes throug
 same code (plus Keras's loss scaling), but its numerics are not checked here.
 """
 
+import gc
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -49,6 +51,9 @@ def test_mixed_bfloat16_loss_equals_float32_loss(concept):
         mixed = fixed_batch_losses(mixed_sd, concept["placeholder_token_id"], images, token_ids, seeds)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+        # A second Stable Diffusion is ~4 GB: let it go before the next tests.
+        mixed_sd = None
+        gc.collect()
     reference = fixed_batch_losses(
         float32_sd, concept["placeholder_token_id"], images, token_ids, seeds
     )
