@@ -1,16 +1,13 @@
 """Mistakes a new user makes end in one clear sentence, before the models are built;
 interruptions and a diverging loss keep what was learned (issue 5)."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
-from conftest import RESOLUTION, ROOT, write_test_images
+from conftest import RESOLUTION, run_script, write_test_images
 
 
 @pytest.fixture
@@ -133,11 +130,9 @@ def test_existing_run_is_never_overwritten(tmp_path, images):
 
 
 def test_the_command_line_prints_one_sentence_and_no_traceback(tmp_path):
-    command = [
-        sys.executable, os.path.join(ROOT, "textual_inversion.py"),
-        "--images", str(tmp_path / "missing.jpg"), "--output-dir", str(tmp_path / "out"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_script(
+        "--images", tmp_path / "missing.jpg", "--output-dir", tmp_path / "out", timeout=300
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
