@@ -270,6 +270,12 @@ def parse_args(argv=None):
         "made training slower in our measurements).",
     )
     add_precision_flag(parser)
+    parser.add_argument(
+        "--distribute",
+        action="store_true",
+        help="Train data-parallel on all GPUs with MirroredStrategy; --batch-size is "
+        "the global batch, split evenly among them.",
+    )
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--output-dir", default="outputs")
     parser.add_argument(
@@ -580,10 +586,11 @@ def synthetic_image(name, resolution):
 def assemble_image_dataset(sources, resolution, download=True):
     images = load_images(resolve_image_files(sources, download), resolution)
     image_dataset = tf.data.Dataset.from_tensor_slices(images.astype("float32"))
-    # Shuffle, and add some random noise: crops and flips.
+    # Shuffle, and add some random noise: crops and flips. (One image at a time: in
+    # parallel, which image gets which random crop would change from run to run.)
     image_dataset = image_dataset.shuffle(50, reshuffle_each_iteration=True)
     for augmentation in augmentation_layers(resolution):
-        image_dataset = image_dataset.map(augmentation, num_parallel_calls=tf.data.AUTOTUNE)
+        image_dataset = image_dataset.map(augmentation)
     return image_dataset
 
 
@@ -693,7 +700,15 @@ def assemble_train_dataset(args, tokenizer):
             download,
         )
         train_ds = train_ds.concatenate(group_ds)
-    train_ds = train_ds.batch(args.batch_size)
+    # Full batches only: a step then means the same with --distribute, where every
+    # batch must split evenly over the devices, as without.
+    examples = int(train_ds.cardinality())
+    if args.batch_size > examples:
+        raise UserError(
+            f"--batch-size {args.batch_size} is more than the {examples} examples of an "
+            f"epoch; use {examples} or less."
+        )
+    train_ds = train_ds.batch(args.batch_size, drop_remainder=True)
     train_ds = train_ds.shuffle(train_ds.cardinality(), reshuffle_each_iteration=True)
     return train_ds
 
@@ -731,8 +746,7 @@ def assemble_captioned_dataset(files, captions, tokenizer, placeholder_token, re
     dataset = dataset.shuffle(50, reshuffle_each_iteration=True)
     for augmentation in augmentation_layers(resolution):
         dataset = dataset.map(
-            lambda image, ids, augmentation=augmentation: (augmentation(image), ids),
-            num_parallel_calls=tf.data.AUTOTUNE,
+            lambda image, ids, augmentation=augmentation: (augmentation(image), ids)
         )
     return dataset.repeat(5)
 
@@ -880,19 +894,19 @@ def freeze_models(stable_diffusion):
 A few utilities first:
 
 - `sample_from_encoder_outputs` samples from the distribution the VAE image encoder
-  predicts, instead of taking only its mean as many StableDiffusion applications do.
+  predicts, instead of taking only its mean as many StableDiffusion applications do
+  (given standard normal noise, drawn as described below).
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
   of timesteps (at once, not one by one with `tf.map_fn`).
 - `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
 """
 
 
-def sample_from_encoder_outputs(outputs, seed=None):
+def sample_from_encoder_outputs(outputs, standard_normal):
     mean, logvar = ops.split(ops.cast(outputs, "float32"), 2, axis=-1)
     logvar = ops.clip(logvar, -30.0, 20.0)
     std = ops.exp(0.5 * logvar)
-    sample = keras.random.normal(ops.shape(mean), seed=seed)
-    return mean + std * sample
+    return mean + std * standard_normal
 
 
 def get_timestep_embedding(timesteps, dim=320, max_period=10000):
@@ -972,9 +986,16 @@ class StableDiffusionFineTuner(keras.Model):
         )
         self.learned_embedding.assign(initial_vectors)
         # Steps taken (batches seen). The optimizer's own count can lag behind it
-        # under mixed_float16, whose loss scaling skips steps that overflow.
+        # under mixed_float16, whose loss scaling skips steps that overflow. (Under
+        # --distribute every replica counts the same step: the first one's count is
+        # kept.)
         self.step = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False, name="step"
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="step",
         )
         self.position_ids = get_position_ids()
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -986,29 +1007,67 @@ class StableDiffusionFineTuner(keras.Model):
         return [self.loss_tracker]
 
     def write_learned_embedding(self):
-        """Copies the learned vectors into their rows of the text encoder's matrix."""
-        self.token_embedding.embeddings.value.scatter_nd_update(
-            self.placeholder_token_ids[:, None], self.learned_embedding.value
-        )
+        """Copies the learned vectors into their rows of the text encoder's matrix.
+
+        With --distribute every device holds a copy of the matrix, and a write must go
+        through the strategy (from the replicas, by a `merge_call`) so that the copies
+        stay equal. On one device this is a plain scatter update.
+        """
+
+        def write_rows(matrix, vectors):
+            matrix.scatter_nd_update(self.placeholder_token_ids[:, None], vectors)
+
+        def write_on_every_device(strategy, vectors):
+            strategy.extended.update(
+                self.token_embedding.embeddings.value, write_rows, args=(vectors,), group=False
+            )
+
+        if tf.distribute.in_cross_replica_context():
+            write_on_every_device(tf.distribute.get_strategy(), self.learned_embedding.value)
+        else:
+            tf.distribute.get_replica_context().merge_call(
+                write_on_every_device, args=(self.learned_embedding.value,)
+            )
+
+    def random_for_batch(self, draw, shape):
+        """Random values of `shape` for this batch, drawn by `draw(shape)`.
+
+        With --distribute each replica gets a slice of the global batch. Every replica
+        draws the same values for the whole global batch (the seed generator is the
+        same on each) and keeps the rows of its own slice, so each example gets its
+        own noise, exactly as on one device. On one device this is `draw(shape)`.
+        """
+        replica = tf.distribute.get_replica_context()
+        batch_size = shape[0]
+        global_shape = (batch_size * replica.num_replicas_in_sync, *shape[1:])
+        start = replica.replica_id_in_sync_group * batch_size
+        return draw(global_shape)[start : start + batch_size]
 
     def compute_denoising_loss(self, images, token_ids):
+        def normal(shape):
+            return keras.random.normal(shape, seed=self.seed_generator)
+
+        def timestep(shape):
+            return keras.random.randint(
+                shape,
+                minval=0,
+                maxval=self.noise_scheduler.train_timesteps,
+                dtype="int32",
+                seed=self.seed_generator,
+            )
+
         # Sample from the predicted distribution of the training images' latents, and
         # scale it the way StableDiffusion's latents were scaled in its training.
+        encoder_outputs = self.training_image_encoder(images, training=False)
+        latent_shape = ops.shape(encoder_outputs)[:-1] + (ops.shape(encoder_outputs)[-1] // 2,)
         latents = sample_from_encoder_outputs(
-            self.training_image_encoder(images, training=False), seed=self.seed_generator
+            encoder_outputs, self.random_for_batch(normal, latent_shape)
         )
         latents = latents * 0.18215
 
         # Random noise, and a random timestep for each sample in the batch.
-        noise = keras.random.normal(ops.shape(latents), seed=self.seed_generator)
-        batch_dim = ops.shape(latents)[0]
-        timesteps = keras.random.randint(
-            (batch_dim,),
-            minval=0,
-            maxval=self.noise_scheduler.train_timesteps,
-            dtype="int32",
-            seed=self.seed_generator,
-        )
+        noise = self.random_for_batch(normal, ops.shape(latents))
+        timesteps = self.random_for_batch(timestep, (ops.shape(latents)[0],))
 
         # Add noise to the latents according to each sample's timestep.
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -1031,10 +1090,13 @@ class StableDiffusionFineTuner(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(embedding_matrix)
             loss = self.compute_denoising_loss(images, token_ids)
-            # Under mixed_float16 the optimizer scales the loss up so that small
-            # float16 gradients do not vanish (it unscales them before the update);
-            # otherwise this returns the loss as it is.
-            scaled_loss = self.optimizer.scale_loss(loss)
+            # With --distribute the optimizer sums the replicas' gradients, so each
+            # replica's loss counts 1/replicas: the sum is the global batch's mean.
+            # Under mixed_float16 the optimizer also scales the loss up so that small
+            # float16 gradients do not vanish (it unscales them before the update).
+            # On one device in float32 this is the loss as it is.
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
 
         # The masked gradient: only the placeholder's rows of the matrix's gradient.
         embedding_gradient = tape.gradient(scaled_loss, embedding_matrix)
@@ -1152,9 +1214,10 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.remember_good_state()
             return
         self.failed_step = int(self.model.step.numpy())
-        self.model.learned_embedding.assign(self.good_vector)
-        self.model.write_learned_embedding()
-        self.model.step.assign(self.good_step)
+        with self.model.distribute_strategy.scope():
+            self.model.learned_embedding.assign(self.good_vector)
+            self.model.write_learned_embedding()
+            self.model.step.assign(self.good_step)
         self.model.stop_training = True
 
 
@@ -1206,7 +1269,9 @@ def build_trainer(
     return trainer
 
 
-def train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step=0):
+def train(
+    stable_diffusion, train_ds, placeholder_token_ids, args, initial_step=0, strategy=None
+):
     sample_prompts = [p.format(args.placeholder_text) for p in SAMPLE_PROMPTS]
     if args.sample_every and not initial_step:
         before = stable_diffusion.text_to_image(
@@ -1220,13 +1285,14 @@ def train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step=
         initial_learning_rate=args.learning_rate,
         decay_steps=int(train_ds.cardinality()) * args.epochs,
     )
-    trainer = build_trainer(
-        stable_diffusion,
-        placeholder_token_ids,
-        learning_rate,
-        seed=args.seed,
-        jit_compile=use_xla(args.xla),
-    )
+    with (strategy or tf.distribute.get_strategy()).scope():
+        trainer = build_trainer(
+            stable_diffusion,
+            placeholder_token_ids,
+            learning_rate,
+            seed=args.seed,
+            jit_compile=use_xla(args.xla),
+        )
     # A resumed run goes on where the saved one stopped, on the same schedule.
     steps_per_epoch = int(train_ds.cardinality())
     total_steps = steps_per_epoch * args.epochs
@@ -1852,6 +1918,63 @@ def evaluate(args):
 
 
 """
+## Extras: training on several devices
+
+`--distribute` trains data-parallel with `tf.distribute.MirroredStrategy`: every GPU
+holds a copy of the models, each step's batch (`--batch-size`, the global batch) is
+split evenly among them, and the optimizer sums their gradients before it updates the
+learned vector on all of them at once. The trainer above is already written for it:
+each replica's loss counts `1 / replicas`, each example draws its own noise whatever
+replica it lands on, and the learned vector is written into every copy of the
+embedding matrix. So 2 devices with 1 image each take the same step as 1 device with
+a batch of 2 (tested on two logical CPU devices). One difference remains: under a
+strategy Keras reads a batch ahead to build the model, which moves the data pipeline's
+random state (shuffles, crops, flips) on, so a distributed run does not repeat exactly
+with the same `--seed`.
+
+Without GPUs the strategy spreads over the CPU's logical devices: just one unless the
+program splits the CPU first with `tf.config.set_logical_device_configuration`, as
+the test does.
+"""
+
+
+def distribution_strategy(args):
+    """The strategy the models are built and trained under: MirroredStrategy over the
+    GPUs (or logical CPUs) with --distribute, else TensorFlow's default strategy, whose
+    `scope()` changes nothing."""
+    if not args.distribute:
+        return tf.distribute.get_strategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    if args.batch_size % len(devices):
+        raise UserError(
+            f"--batch-size {args.batch_size} does not split evenly over the "
+            f"{len(devices)} devices of --distribute; use a multiple of {len(devices)}."
+        )
+    strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    print(
+        f"Training on {strategy.num_replicas_in_sync} replicas "
+        f"({', '.join(device.name for device in devices)}), "
+        f"each with {args.batch_size // strategy.num_replicas_in_sync} of the {args.batch_size} "
+        "images of a step."
+    )
+    return strategy
+
+
+def sample_on_one_device(stable_diffusion):
+    """KerasCV draws images with `predict_on_batch`, which under a MirroredStrategy
+    would hand every replica the whole batch and return all their answers, one batch
+    per replica. Drawing is not what we spread over devices: with this, the models
+    predict as plain models do, with the first device's copy of the weights."""
+    for model in (
+        stable_diffusion.text_encoder,
+        stable_diffusion.image_encoder,
+        stable_diffusion.diffusion_model,
+        stable_diffusion.decoder,
+    ):
+        model._distribute_strategy = None  # Keras's record of the strategy it was built in
+
+
+"""
 ## Running it all
 
 `main()` runs the tutorial's steps in order. The cheap ones come first, so that a bad
@@ -1867,7 +1990,10 @@ def main(argv=None):
         return evaluate(parse_evaluate_args(argv[1:]))
     args = parse_args(argv)
     prepare_output_dir(args)
+    # The same --seed gives the same run. KerasCV's augmentation layers draw from
+    # TensorFlow's global generator, which `set_random_seed` leaves alone.
     keras.utils.set_random_seed(args.seed)
+    tf.random.set_global_generator(tf.random.Generator.from_seed(args.seed))
 
     resumed = load_embedding(args.resume) if args.resume else None
     if resumed:
@@ -1885,20 +2011,24 @@ def main(argv=None):
     train_ds = assemble_train_dataset(args, tokenizer)
 
     jit_compile = use_xla(args.xla)
-    stable_diffusion = build_stable_diffusion(
-        args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
-    )
-    if resumed:
-        new_rows = rows_in_id_order(resumed.vectors, placeholder_token_ids)
-    else:
-        new_rows = token_rows(
-            stable_diffusion.text_encoder, [initializer_token_id] * args.num_vectors
+    # With --distribute the models are built on every device (see the extras).
+    strategy = distribution_strategy(args)
+    with strategy.scope():
+        stable_diffusion = build_stable_diffusion(
+            args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
         )
-    stable_diffusion._text_encoder = extend_text_encoder(
-        stable_diffusion.text_encoder, new_rows, jit_compile
-    )
+        if resumed:
+            new_rows = rows_in_id_order(resumed.vectors, placeholder_token_ids)
+        else:
+            new_rows = token_rows(
+                stable_diffusion.text_encoder, [initializer_token_id] * args.num_vectors
+            )
+        stable_diffusion._text_encoder = extend_text_encoder(
+            stable_diffusion.text_encoder, new_rows, jit_compile
+        )
+    sample_on_one_device(stable_diffusion)
     freeze_models(stable_diffusion)
-    train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step)
+    train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step, strategy)
     generate_final_images(stable_diffusion, args)
 
 

@@ -113,6 +113,15 @@ def test_values_the_model_cannot_take(tmp_path, images, flag, value, match):
     expect_user_error(match, tmp_path, images, flag, value)
 
 
+def test_a_batch_larger_than_an_epoch(tmp_path, images):
+    # One image with one prompt: an epoch is that prompt 5 times.
+    message = expect_user_error(
+        "more than the 5 examples", tmp_path, images, "--prompts", "a photo of {}",
+        "--batch-size", "6",
+    )  # fmt: skip
+    assert "use 5 or less" in message
+
+
 def test_output_dir_that_cannot_be_written(tmp_path, images):
     a_file = tmp_path / "file.txt"
     a_file.write_text("")
