@@ -1,6 +1,6 @@
-"""Saving, loading, resuming and generating with learned embeddings (issue 3)."""
+"""Saving, loading and generating with learned embeddings (issue 3); resuming is tested
+from the command line, in test_textual_inversion.py."""
 
-import csv
 import os
 
 import numpy as np
@@ -12,11 +12,6 @@ import textual_inversion as ti
 from conftest import RESOLUTION, run_script, save_random_embedding
 
 PLACEHOLDER = "<my-funny-cat-token>"
-
-
-def read_steps(csv_path):
-    with open(csv_path) as f:
-        return [int(row["step"]) for row in csv.DictReader(f)]
 
 
 def set_token_row(text_encoder, token_id, vector):
@@ -118,54 +113,6 @@ def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_
         )
     finally:
         set_token_row(stable_diffusion.text_encoder, placeholder_token_id, original_matrix_row[0])
-
-
-# --- Resume ----------------------------------------------------------------------------
-
-
-def test_stopped_and_resumed_run_ends_after_the_same_steps_as_one_go(
-    concept, image_folder, tmp_path
-):
-    stable_diffusion = concept["stable_diffusion"]
-    placeholder_token_id = concept["placeholder_token_id"]
-    initial_row = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
-
-    def run(output_dir, max_steps, resume_from=None):
-        argv = [
-            "--random-weights", "--resolution", str(RESOLUTION),
-            "--images", image_folder, "--group-images",
-            "--max-train-steps", str(max_steps), "--sample-every", "0",
-            "--output-dir", str(output_dir),
-        ]
-        args = ti.parse_args(argv)
-        initial_step = 0
-        if resume_from:
-            resumed = ti.load_embedding(resume_from)
-            set_token_row(stable_diffusion.text_encoder, placeholder_token_id, resumed.vectors[0])
-            initial_step = int(resumed.metadata["step"])
-        else:
-            set_token_row(stable_diffusion.text_encoder, placeholder_token_id, initial_row[0])
-        os.makedirs(output_dir, exist_ok=True)
-        train_ds = ti.assemble_train_dataset(args, concept["tokenizer"])
-        ti.train(stable_diffusion, train_ds, [placeholder_token_id], args, initial_step)
-        return ti.load_embedding(os.path.join(output_dir, ti.EMBEDDING_FILE))
-
-    try:
-        one_go = run(tmp_path / "one_go", max_steps=4)
-        halfway = run(tmp_path / "split", max_steps=2)
-        assert halfway.metadata["step"] == "2"
-        resumed = run(
-            tmp_path / "split", max_steps=4, resume_from=str(tmp_path / "split" / ti.EMBEDDING_FILE)
-        )
-    finally:
-        set_token_row(stable_diffusion.text_encoder, placeholder_token_id, initial_row[0])
-
-    assert one_go.metadata["step"] == resumed.metadata["step"] == "4"
-    assert read_steps(tmp_path / "one_go" / "loss.csv") == [1, 2, 3, 4]
-    assert read_steps(tmp_path / "split" / "loss.csv") == [1, 2, 3, 4]
-    # The resumed run started from the saved vector, not from "cat" again.
-    assert not np.array_equal(halfway.vectors, initial_row)
-    assert not np.array_equal(resumed.vectors, halfway.vectors)
 
 
 # --- generate --------------------------------------------------------------------------
