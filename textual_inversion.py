@@ -895,7 +895,7 @@ A few utilities first:
 
 - `sample_from_encoder_outputs` samples from the distribution the VAE image encoder
   predicts, instead of taking only its mean as many StableDiffusion applications do
-  (given standard normal noise, drawn as described below).
+  (with noise from `standard_normal(shape)`, drawn as described below).
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
   of timesteps (at once, not one by one with `tf.map_fn`).
 - `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
@@ -906,7 +906,7 @@ def sample_from_encoder_outputs(outputs, standard_normal):
     mean, logvar = ops.split(ops.cast(outputs, "float32"), 2, axis=-1)
     logvar = ops.clip(logvar, -30.0, 20.0)
     std = ops.exp(0.5 * logvar)
-    return mean + std * standard_normal
+    return mean + std * standard_normal(ops.shape(mean))
 
 
 def get_timestep_embedding(timesteps, dim=320, max_period=10000):
@@ -1043,31 +1043,35 @@ class StableDiffusionFineTuner(keras.Model):
         start = replica.replica_id_in_sync_group * batch_size
         return draw(global_shape)[start : start + batch_size]
 
-    def compute_denoising_loss(self, images, token_ids):
-        def normal(shape):
-            return keras.random.normal(shape, seed=self.seed_generator)
+    def standard_normal(self, shape):
+        return self.random_for_batch(
+            lambda shape: keras.random.normal(shape, seed=self.seed_generator), shape
+        )
 
-        def timestep(shape):
-            return keras.random.randint(
+    def random_timesteps(self, shape):
+        return self.random_for_batch(
+            lambda shape: keras.random.randint(
                 shape,
                 minval=0,
                 maxval=self.noise_scheduler.train_timesteps,
                 dtype="int32",
                 seed=self.seed_generator,
-            )
+            ),
+            shape,
+        )
 
+    def compute_denoising_loss(self, images, token_ids):
         # Sample from the predicted distribution of the training images' latents, and
         # scale it the way StableDiffusion's latents were scaled in its training.
-        encoder_outputs = self.training_image_encoder(images, training=False)
-        latent_shape = ops.shape(encoder_outputs)[:-1] + (ops.shape(encoder_outputs)[-1] // 2,)
         latents = sample_from_encoder_outputs(
-            encoder_outputs, self.random_for_batch(normal, latent_shape)
+            self.training_image_encoder(images, training=False), self.standard_normal
         )
         latents = latents * 0.18215
 
         # Random noise, and a random timestep for each sample in the batch.
-        noise = self.random_for_batch(normal, ops.shape(latents))
-        timesteps = self.random_for_batch(timestep, (ops.shape(latents)[0],))
+        noise = self.standard_normal(ops.shape(latents))
+        batch_dim = ops.shape(latents)[0]
+        timesteps = self.random_timesteps((batch_dim,))
 
         # Add noise to the latents according to each sample's timestep.
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
