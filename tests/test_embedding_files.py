@@ -1,5 +1,5 @@
-"""Saving, loading and generating with learned embeddings (issue 3); resuming is tested
-from the command line, in test_textual_inversion.py."""
+"""Saving and loading learned embeddings (issue 3). Resuming, and the generate command,
+are tested from the command line, in test_command_line.py."""
 
 import os
 
@@ -9,7 +9,6 @@ import safetensors
 import tensorflow as tf
 
 import textual_inversion as ti
-from conftest import RESOLUTION, run_script, save_random_embedding
 
 PLACEHOLDER = "<my-funny-cat-token>"
 
@@ -116,24 +115,6 @@ def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_
 
 
 # --- generate --------------------------------------------------------------------------
-
-
-def test_generate_command_writes_images(tmp_path):
-    path = save_random_embedding(tmp_path / ti.EMBEDDING_FILE, "<my-test-token>", seed=2)
-    output_dir = tmp_path / "gen"
-    result = run_script(
-        "generate", "--embedding", path, "--prompt", "an oil painting of {}",
-        "--batch-size", 2, "--sample-steps", 2,
-        "--random-weights", "--resolution", RESOLUTION, "--output-dir", output_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = sorted(os.listdir(output_dir / "generated"))
-    assert len(written) == 2
-    assert all(name.startswith("an-oil-painting-of-my-test-token") for name in written)
-
-    import matplotlib.pyplot as plt
-
-    assert plt.imread(output_dir / "generated" / written[0]).shape[:2] == (RESOLUTION, RESOLUTION)
 
 
 def test_generate_refuses_a_prompt_without_the_token(tmp_path):

@@ -1,20 +1,14 @@
-"""The tutorial's mechanics on the real KerasCV classes (random weights, 128 px, CPU)."""
+"""The tutorial's mechanics on the real KerasCV classes (random weights, 128 px, CPU).
+The script from its command line is tested in test_command_line.py."""
 
-import csv
 import hashlib
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
-from conftest import RESOLUTION, ROOT, run_script
 
 PLACEHOLDER = "<my-funny-cat-token>"
 
@@ -183,73 +177,3 @@ def test_loss_is_finite_and_falls_on_a_fixed_example(training_run):
     assert all(math.isfinite(loss) and loss > 0 for loss in losses), losses
     assert losses[-1] < losses[0], losses
     assert losses[-1] == min(losses), losses
-
-
-# --- The command line ------------------------------------------------------------------
-
-
-def read_loss_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def test_command_line_run_stopped_by_ctrl_c_then_resumed_writes_its_outputs(
-    tmp_path, image_folder
-):
-    """The script from its command line: a run interrupted by SIGINT after its first
-    step saves the embedding and exits; --resume finishes it, with all the outputs.
-    (The first run draws no samples, to keep the test short.)"""
-    output_dir = tmp_path / "run"
-    embedding_path = output_dir / ti.EMBEDDING_FILE
-    common = [
-        "--random-weights", "--resolution", RESOLUTION,
-        "--images", image_folder, "--group-images",
-        "--sample-steps", 2, "--output-dir", output_dir,
-    ]
-
-    first = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "textual_inversion.py"), *map(str, common),
-         "--sample-every", "0", "--max-train-steps", "50"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 900
-    while not read_loss_rows(output_dir / "loss.csv") and first.poll() is None:
-        assert time.time() < deadline, "no training step within 15 minutes"
-        time.sleep(0.5)
-    first.send_signal(signal.SIGINT)
-    _, stderr = first.communicate(timeout=600)
-    assert first.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr
-    assert "Stopped by SIGINT" in stderr and "--resume" in stderr
-
-    stopped_at = len(read_loss_rows(output_dir / "loss.csv"))
-    assert 1 <= stopped_at < 50
-    saved = ti.load_embedding(str(embedding_path))
-    assert saved.metadata["step"] == str(stopped_at)
-
-    target = stopped_at + 2
-    second = run_script(
-        *common, "--sample-every", 1, "--max-train-steps", target, "--resume", embedding_path,
-        timeout=1200,
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "ms/step" in second.stdout
-
-    rows = read_loss_rows(output_dir / "loss.csv")
-    assert [int(row["step"]) for row in rows] == list(range(1, target + 1))
-    assert all(math.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in rows)
-    assert ti.load_embedding(str(embedding_path)).metadata["step"] == str(target)
-    assert os.path.getsize(output_dir / "loss.png") > 0
-    assert os.path.exists(output_dir / "learned_words.json")
-
-    slugs = [ti.slugify(p.format(PLACEHOLDER)) for p in ti.SAMPLE_PROMPTS]
-    expected = [f"epoch-001_{slug}.png" for slug in slugs]
-    assert sorted(os.listdir(output_dir / "samples")) == sorted(expected + ["progress.png"])
-    assert len(os.listdir(output_dir / "final")) == len(ti.FINAL_PROMPTS)
-
-    import matplotlib.pyplot as plt
-
-    sample = plt.imread(output_dir / "samples" / expected[0])
-    assert sample.shape[:2] == (RESOLUTION, 3 * RESOLUTION)

@@ -73,7 +73,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-from conftest import RESOLUTION, run_script, save_random_embedding  # noqa: E402
+from conftest import RESOLUTION  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -100,23 +100,3 @@ def test_training_images_are_similar_to_themselves(clip, concept):
 
 def test_the_text_prompt_leaves_the_placeholder_out():
     assert ti.without_token("a photo of a <tok> on the beach", "<tok>") == "a photo of a on the beach"
-
-
-def test_evaluate_command_writes_both_scores(tmp_path, image_folder):
-    path = save_random_embedding(tmp_path / ti.EMBEDDING_FILE, "<my-eval-token>", seed=3)
-    output_dir = tmp_path / "eval"
-    result = run_script(
-        "evaluate", "--embedding", path, "--images", image_folder,
-        "--num-images", 2, "--sample-steps", 2,
-        "--random-weights", "--resolution", RESOLUTION, "--output-dir", output_dir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((output_dir / "eval.json").read_text())
-    assert len(report["per_prompt"]) == len(ti.EVALUATION_PROMPTS)
-    for key in ("image_similarity", "text_similarity"):
-        assert math.isfinite(report[key]) and -1.0 <= report[key] <= 1.0
-        assert all(-1.0 <= p[key] <= 1.0 for p in report["per_prompt"])
-    assert report["num_images"] == 2 and report["sample_steps"] == 2
-    assert "random weights" in report["clip_model"]
-    assert report["nearest_words"][0]["token"] == "<my-eval-token>"
-    assert "<my-eval-token>" not in report["per_prompt"][0]["text_prompt"]

@@ -1,0 +1,288 @@
+"""The script from its command line, in subprocesses, as a user runs it.
+
+Three long training runs start together, in a module fixture: a run with --distribute
+on two logical CPU devices, the same run on one device, and a run that Ctrl-C stops and
+--resume finishes. Most of a run's time is building and tracing the models, which keeps
+one core busy, so side by side they take little longer than the longest alone. The
+`generate` and `evaluate` commands then run side by side too.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import textual_inversion as ti
+from conftest import RESOLUTION, ROOT, run_script, save_random_embedding
+
+PLACEHOLDER = "<my-funny-cat-token>"
+SCRIPT = os.path.join(ROOT, "textual_inversion.py")
+
+# Splits the CPU into two logical devices, then runs the script as `python
+# textual_inversion.py ...` would.
+TWO_DEVICES = f"""
+import runpy, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.argv[0] = {os.path.join(ROOT, "textual_inversion.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Measured: the losses agree within 2e-5 (relative), the vectors within 1.4e-5. A batch
+# of 1 and a batch of 2 run the convolutions in different orders, and Adam's normalised
+# update passes such rounding on for components with small gradients. A replica that
+# used the wrong noise, or missed the other's gradient, would be off by about the
+# learning rate (1e-2) in many components.
+LOSS_TOLERANCE = 1e-4
+VECTOR_TOLERANCE = 1e-4
+
+
+
+class Run:
+    """A run of the script in the background; its output goes to files, not pipes, so
+    that a chatty run never waits for the test to read it."""
+
+    def __init__(self, command, logs):
+        self.stdout_path, self.stderr_path = f"{logs}.stdout", f"{logs}.stderr"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, *map(str, command)], stdout=stdout, stderr=stderr, text=True
+            )
+
+    def finish(self, timeout=1500):
+        self.process.wait(timeout=timeout)
+        with open(self.stdout_path) as stdout, open(self.stderr_path) as stderr:
+            self.stdout, self.stderr = stdout.read(), stderr.read()
+        return self.process.returncode
+
+
+def one_plain_colour_image(folder):
+    """Keras reads a batch ahead to build a model under a strategy, which moves the
+    data pipeline's random state (shuffles, crops, flips) on. Crops and flips of one
+    plain-coloured image are all the same picture, so both runs see the same data."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder)
+    plt.imsave(os.path.join(folder, "plain.png"), np.full((160, 160, 3), [0.8, 0.4, 0.2]))
+    return folder
+
+
+def training_flags(image_folder, output_dir):
+    return [
+        "--random-weights",
+        "--resolution", RESOLUTION,
+        "--images", image_folder,
+        "--prompts", "a photo of {}",
+        "--batch-size", 2,
+        "--max-train-steps", 2,
+        "--learning-rate", 0.01,  # steps big enough to tell a wrong one
+        "--sample-every", 0,
+        "--sample-steps", 1,
+        "--seed", 7,
+        "--output-dir", output_dir,
+    ]  # fmt: skip
+
+
+def read_loss_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def step_losses(output_dir):
+    return [float(row["loss"]) for row in read_loss_rows(os.path.join(output_dir, "loss.csv"))]
+
+
+def interrupted_flags(image_folder, output_dir):
+    return [
+        "--random-weights", "--resolution", RESOLUTION,
+        "--images", image_folder, "--group-images",
+        "--sample-steps", 1, "--output-dir", output_dir,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, image_folder):
+    root = tmp_path_factory.mktemp("command-line")
+    plain_image = one_plain_colour_image(root / "plain-image")
+    runs = {
+        "distributed": Run(
+            ["-c", TWO_DEVICES, *training_flags(plain_image, root / "two-devices"), "--distribute"],
+            root / "two-devices",
+        ),
+        "single": Run([SCRIPT, *training_flags(plain_image, root / "one-device")], root / "one-device"),
+        # The first part draws no samples, to keep it short.
+        "interrupted": Run(
+            [SCRIPT, *interrupted_flags(image_folder, root / "run"),
+             "--sample-every", 0, "--max-train-steps", 50],
+            root / "run",
+        ),  # fmt: skip
+    }
+    yield root, runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+
+
+# --- Ctrl-C, then --resume ---------------------------------------------------------------
+
+
+def test_a_run_stopped_by_ctrl_c_then_resumed_writes_its_outputs(runs, image_folder):
+    """A run interrupted by SIGINT after its first step saves the embedding and exits;
+    --resume finishes it, with all the outputs."""
+    root, runs = runs
+    output_dir = root / "run"
+    embedding_path = output_dir / ti.EMBEDDING_FILE
+    first = runs["interrupted"]
+    deadline = time.time() + 1200
+    while not read_loss_rows(output_dir / "loss.csv") and first.process.poll() is None:
+        assert time.time() < deadline, "no training step within 20 minutes"
+        time.sleep(0.5)
+    first.process.send_signal(signal.SIGINT)
+    assert first.finish() == 130, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    assert "Stopped by SIGINT" in first.stderr and "--resume" in first.stderr
+
+    stopped_at = len(read_loss_rows(output_dir / "loss.csv"))
+    assert 1 <= stopped_at < 50
+    saved = ti.load_embedding(str(embedding_path))
+    assert saved.metadata["step"] == str(stopped_at)
+
+    target = stopped_at + 2
+    second = run_script(
+        *interrupted_flags(image_folder, output_dir),
+        "--sample-every", 1, "--max-train-steps", target, "--resume", embedding_path,
+        timeout=1500,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "ms/step" in second.stdout
+
+    rows = read_loss_rows(output_dir / "loss.csv")
+    assert [int(row["step"]) for row in rows] == list(range(1, target + 1))
+    assert all(math.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in rows)
+    resumed = ti.load_embedding(str(embedding_path))
+    assert resumed.metadata["step"] == str(target)
+    assert not np.array_equal(resumed.vectors, saved.vectors)
+    assert os.path.getsize(output_dir / "loss.png") > 0
+    assert os.path.exists(output_dir / "learned_words.json")
+
+    slugs = [ti.slugify(p.format(PLACEHOLDER)) for p in ti.SAMPLE_PROMPTS]
+    expected = [f"epoch-001_{slug}.png" for slug in slugs]
+    assert sorted(os.listdir(output_dir / "samples")) == sorted(expected + ["progress.png"])
+    assert len(os.listdir(output_dir / "final")) == len(ti.FINAL_PROMPTS)
+
+    import matplotlib.pyplot as plt
+
+    sample = plt.imread(output_dir / "samples" / expected[0])
+    assert sample.shape[:2] == (RESOLUTION, 3 * RESOLUTION)
+
+
+# --- --distribute ------------------------------------------------------------------------
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, image_folder):
+    flags = training_flags(image_folder, tmp_path / "run")
+    flags[flags.index("--batch-size") + 1] = 3
+    run = Run(["-c", TWO_DEVICES, *flags, "--distribute"], tmp_path / "log")
+    assert run.finish() == 2, run.stderr[-2000:]
+    assert "error: --batch-size 3 does not split evenly over the 2 devices" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs):
+    root, runs = runs
+    distributed_dir, single_dir = root / "two-devices", root / "one-device"
+    distributed, single = runs["distributed"], runs["single"]
+    assert distributed.finish() == 0, distributed.stderr[-3000:]
+    assert "Training on 2 replicas" in distributed.stdout
+    assert single.finish() == 0, single.stderr[-3000:]
+
+    # The distributed run completed: both steps, its embedding, and its final images,
+    # drawn on one device (3 images side by side, not 3 per replica).
+    assert len(step_losses(distributed_dir)) == 2
+    final_images = sorted(os.listdir(distributed_dir / "final"))
+    assert final_images == sorted(os.listdir(single_dir / "final"))
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(distributed_dir / "final" / final_images[0]).shape[:2] == (
+        RESOLUTION, 3 * RESOLUTION,
+    )  # fmt: skip
+
+    # The same examples with the same noise: the same loss at each step...
+    np.testing.assert_allclose(
+        step_losses(distributed_dir), step_losses(single_dir), rtol=LOSS_TOLERANCE
+    )
+    # ...and the same learned vector,
+    learned = ti.load_embedding(str(distributed_dir / ti.EMBEDDING_FILE))
+    reference = ti.load_embedding(str(single_dir / ti.EMBEDDING_FILE))
+    assert learned.metadata["step"] == reference.metadata["step"] == "2"
+    np.testing.assert_allclose(learned.vectors, reference.vectors, atol=VECTOR_TOLERANCE, rtol=0)
+    # which did move away from cat's row, where it started (cosine 1 before training).
+    with open(distributed_dir / "learned_words.json") as f:
+        assert json.load(f)[0]["nearest"][0]["cosine"] < 0.999
+
+
+# --- generate and evaluate ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drawing_runs(tmp_path_factory, image_folder):
+    root = tmp_path_factory.mktemp("drawing")
+    generate_embedding = save_random_embedding(root / "generate.safetensors", "<my-test-token>", seed=2)
+    evaluate_embedding = save_random_embedding(root / "evaluate.safetensors", "<my-eval-token>", seed=3)
+    common = ["--sample-steps", 2, "--random-weights", "--resolution", RESOLUTION]
+    runs = {
+        "generate": Run(
+            [SCRIPT, "generate", "--embedding", generate_embedding,
+             "--prompt", "an oil painting of {}", "--batch-size", 2,
+             *common, "--output-dir", root / "gen"],
+            root / "generate",
+        ),
+        "evaluate": Run(
+            [SCRIPT, "evaluate", "--embedding", evaluate_embedding, "--images", image_folder,
+             "--num-images", 2, *common, "--output-dir", root / "eval"],
+            root / "evaluate",
+        ),
+    }  # fmt: skip
+    yield root, runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+
+
+def test_generate_command_writes_images(drawing_runs):
+    root, runs = drawing_runs
+    run = runs["generate"]
+    assert run.finish() == 0, run.stderr[-3000:]
+    written = sorted(os.listdir(root / "gen" / "generated"))
+    assert len(written) == 2
+    assert all(name.startswith("an-oil-painting-of-my-test-token") for name in written)
+
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(root / "gen" / "generated" / written[0])
+    assert image.shape[:2] == (RESOLUTION, RESOLUTION)
+
+
+def test_evaluate_command_writes_both_scores(drawing_runs):
+    root, runs = drawing_runs
+    run = runs["evaluate"]
+    assert run.finish() == 0, run.stderr[-3000:]
+    report = json.loads((root / "eval" / "eval.json").read_text())
+    assert len(report["per_prompt"]) == len(ti.EVALUATION_PROMPTS)
+    for key in ("image_similarity", "text_similarity"):
+        assert math.isfinite(report[key]) and -1.0 <= report[key] <= 1.0
+        assert all(-1.0 <= p[key] <= 1.0 for p in report["per_prompt"])
+    assert report["num_images"] == 2 and report["sample_steps"] == 2
+    assert "random weights" in report["clip_model"]
+    assert report["nearest_words"][0]["token"] == "<my-eval-token>"
+    assert "<my-eval-token>" not in report["per_prompt"][0]["text_prompt"]
