@@ -267,7 +267,7 @@ def parse_args(argv=None):
         choices=["auto", "on", "off"],
         default="auto",
         help="Compile the models with XLA; auto means on a GPU only (on a CPU, XLA "
-        "made training slower in our measurements).",
+        "made training slower in our measurements), and not with --distribute.",
     )
     add_precision_flag(parser)
     parser.add_argument(
@@ -391,9 +391,10 @@ def add_precision_flag(parser):
     )
 
 
-def use_xla(xla_flag):
+def use_xla(xla_flag, distribute=False):
     if xla_flag == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
+        # Keras itself leaves XLA off under tf.distribute; so do we, unless asked.
+        return bool(tf.config.list_physical_devices("GPU")) and not distribute
     return xla_flag == "on"
 
 
@@ -708,6 +709,10 @@ def assemble_train_dataset(args, tokenizer):
             f"--batch-size {args.batch_size} is more than the {examples} examples of an "
             f"epoch; use {examples} or less."
         )
+    if args.batch_size > 1:
+        # Not needed at the tutorial's batch of 1: mix the image sets before batching,
+        # so that batches mix them and the examples left over each epoch are random.
+        train_ds = train_ds.shuffle(examples, reshuffle_each_iteration=True)
     train_ds = train_ds.batch(args.batch_size, drop_remainder=True)
     train_ds = train_ds.shuffle(train_ds.cardinality(), reshuffle_each_iteration=True)
     return train_ds
@@ -899,6 +904,10 @@ A few utilities first:
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
   of timesteps (at once, not one by one with `tf.map_fn`).
 - `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
+
+The trainer is also written for several devices (`--distribute`); the lines about
+replicas do nothing on one device and are explained in "Extras: training on several
+devices" below.
 """
 
 
@@ -1099,7 +1108,7 @@ class StableDiffusionFineTuner(keras.Model):
             # Under mixed_float16 the optimizer also scales the loss up so that small
             # float16 gradients do not vanish (it unscales them before the update).
             # On one device in float32 this is the loss as it is.
-            replicas = self.distribute_strategy.num_replicas_in_sync
+            replicas = tf.distribute.get_replica_context().num_replicas_in_sync
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
 
         # The masked gradient: only the placeholder's rows of the matrix's gradient.
@@ -1295,7 +1304,7 @@ def train(
             placeholder_token_ids,
             learning_rate,
             seed=args.seed,
-            jit_compile=use_xla(args.xla),
+            jit_compile=use_xla(args.xla, args.distribute),
         )
     # A resumed run goes on where the saved one stopped, on the same schedule.
     steps_per_epoch = int(train_ds.cardinality())
@@ -1975,7 +1984,8 @@ def sample_on_one_device(stable_diffusion):
         stable_diffusion.diffusion_model,
         stable_diffusion.decoder,
     ):
-        model._distribute_strategy = None  # Keras's record of the strategy it was built in
+        # Keras's record of the strategy the model was built in (checked on Keras 3.15).
+        model._distribute_strategy = None
 
 
 """
@@ -2014,7 +2024,7 @@ def main(argv=None):
     )
     train_ds = assemble_train_dataset(args, tokenizer)
 
-    jit_compile = use_xla(args.xla)
+    jit_compile = use_xla(args.xla, args.distribute)
     # With --distribute the models are built on every device (see the extras).
     strategy = distribution_strategy(args)
     with strategy.scope():

@@ -131,6 +131,7 @@ def runs(tmp_path_factory, image_folder):
     for run in runs.values():
         if run.process.poll() is None:
             run.process.kill()
+            run.process.wait()
 
 
 # --- Ctrl-C, then --resume ---------------------------------------------------------------
@@ -257,6 +258,7 @@ def drawing_runs(tmp_path_factory, image_folder):
     for run in runs.values():
         if run.process.poll() is None:
             run.process.kill()
+            run.process.wait()
 
 
 def test_generate_command_writes_images(drawing_runs):
