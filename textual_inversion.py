@@ -2,39 +2,29 @@
 Title: Teach StableDiffusion new concepts via Textual Inversion
 Authors: Ian Stenbit, Luke Wood (keras.io, 2022); ported to TensorFlow 2.21, Keras 3
     and KerasCV 0.9 as a tested script.
+Date created: 2022/12/09
 Description: Learning new visual concepts with KerasCV's StableDiffusion implementation.
 
-Textual inversion teaches a frozen Stable Diffusion a new visual concept from a handful
-of photos. A new token, `<my-funny-cat-token>`, is added to the CLIP tokenizer, its
-embedding row starts as a copy of a seed word's row (`cat`), and only that row is
-trained, with the usual denoising loss, while the VAE, the UNet and every other token
-stay frozen. Afterwards prompts like "Gandalf the Gray as a <my-funny-cat-token>" draw
-the new concept.
+## Textual Inversion
 
-With no flags this script is the keras.io tutorial: the same images, prompts, token,
-optimizer and schedule, 50 epochs. Run it:
+Textual inversion teaches a frozen image generator a visual concept from a handful of
+photos (Gal et al., 2022). A new token, `<my-funny-cat-token>`, is added to the CLIP
+tokenizer; its embedding starts as a copy of a seed word's (`cat`) and is the only
+thing trained, while the VAE, the UNet and every other token stay frozen. Afterwards
+"Gandalf the Gray as a <my-funny-cat-token>" draws the new concept.
 
-    python textual_inversion.py                       # the tutorial (a GPU hour)
-    python textual_inversion.py --images my_photos/   # teach it your own concept
-    python textual_inversion.py --random-weights --resolution 128 \\
-        --max-train-steps 4 --sample-every 1 --sample-steps 2   # CPU smoke run
+    python textual_inversion.py                      # the tutorial (a GPU hour)
+    python textual_inversion.py --images my_photos/  # your own concept
+    python textual_inversion.py --help               # every flag, with its default
 
-Everything a run makes goes into `--output-dir` (default `outputs/`): sample images
-in `samples/` (and their montage, `samples/progress.png`), the loss per step in
-`loss.csv` and `loss.png`, the learned embedding in `learned_embeds.safetensors`, its
-nearest words in `learned_words.json`, and the closing images in `final/`.
-
-The file reads like the tutorial, top to bottom; what goes beyond it follows the
-tutorial's sections: saving and resuming, then two more commands that work from a
-saved embedding,
-
-    python textual_inversion.py generate --embedding FILE --prompt "an oil painting of {}"
-    python textual_inversion.py evaluate --embedding FILE --images my_photos/
-
-which draw with it, and score it with CLIP as the textual-inversion paper did.
+With no flags this is the keras.io tutorial, which reads top to bottom in the first
+part of this file. What goes beyond it follows in sections of its own, reached through
+flags; the command line comes last. `tools/generate.py` draws with a saved embedding,
+`tools/evaluate.py` scores it with CLIP.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -62,14 +52,150 @@ if not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
 import matplotlib.pyplot as plt  # noqa: E402
 
 """
-## The tutorial's settings
+## Hyperparameters
 
-The prompt length of the CLIP text encoder, the images and prompts of the tutorial's
-two datasets (single cat dolls and groups of them), and the prompts it samples with.
-Every command-line flag below defaults to these values.
+The tutorial's settings. Every command-line flag defaults to one of these.
 """
 
-MAX_PROMPT_LENGTH = 77
+RESOLUTION = 512  # pixels; the UNet takes multiples of 128
+EPOCHS = 50
+LEARNING_RATE = 1e-4  # where the cosine decay starts
+BATCH_SIZE = 1
+SAMPLE_EVERY = 10  # epochs between the sample images drawn during training
+SAMPLE_STEPS = 50  # diffusion steps per sample image
+SEED = 1337
+PLACEHOLDER_TOKEN = "<my-funny-cat-token>"
+INITIALIZER_TOKEN = "cat"
+OUTPUT_DIR = "outputs"
+
+MAX_PROMPT_LENGTH = 77  # the CLIP text encoder's fixed input length
+LATENT_SCALE = 0.18215  # the "magic" constant Stable Diffusion's latents were scaled by
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one sentence, without a traceback."""
+
+    exit_code = 2
+
+
+"""
+## Building StableDiffusion
+
+We build a `keras_cv.models.StableDiffusion`, whose four parts (text encoder, VAE image
+encoder, diffusion UNet, VAE decoder) we use below to fine-tune. It downloads their
+weights (about 4 GB) the first time each part is used, so we touch each part now.
+
+For smoke runs and tests on a machine without the weights, `random_weights=True` builds
+the very same KerasCV classes with `download_weights=False` instead.
+"""
+
+
+def sd_parts(stable_diffusion):
+    """The four models, built (and their weights loaded) on first access."""
+    parts = ("text_encoder", "image_encoder", "diffusion_model", "decoder")
+    return [getattr(stable_diffusion, part) for part in parts]
+
+
+def keras_download_cache():
+    """Where `keras.utils.get_file` keeps (and first looks for) its downloads."""
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    return os.path.join(keras_home, "datasets")
+
+
+def is_download_error(error):
+    return "fetch failure" in str(error) or "URL" in str(error)
+
+
+def build_tokenizer():
+    try:
+        return keras_cv.models.stable_diffusion.SimpleTokenizer()
+    except Exception as error:
+        if not is_download_error(error):
+            raise
+        raise UserError(
+            f"Could not download the CLIP vocabulary ({error}); connect to the "
+            "internet, or place bpe_simple_vocab_16e6.txt.gz in "
+            f"{keras_download_cache()}."
+        ) from None
+
+
+def build_stable_diffusion(
+    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32"
+):
+    # The dtype policy applies to every layer built from here on.
+    keras.mixed_precision.set_global_policy(precision)
+    stable_diffusion = keras_cv.models.StableDiffusion(
+        img_height=resolution, img_width=resolution, jit_compile=jit_compile
+    )
+    # The tokenizer, extended with the new token below, was made before the models.
+    stable_diffusion._tokenizer = tokenizer
+    try:
+        if random_weights:
+            sd_models = keras_cv.models.stable_diffusion
+            stable_diffusion._text_encoder = sd_models.TextEncoder(
+                MAX_PROMPT_LENGTH, download_weights=False
+            )
+            stable_diffusion._image_encoder = sd_models.ImageEncoder(download_weights=False)
+            stable_diffusion._diffusion_model = sd_models.DiffusionModel(
+                resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
+            )
+            stable_diffusion._decoder = sd_models.Decoder(
+                resolution, resolution, download_weights=False
+            )
+            for model in sd_parts(stable_diffusion):
+                model.compile(jit_compile=jit_compile)  # as keras-cv does
+        # Touch each part so that its weights load (or download) now, not mid-run.
+        sd_parts(stable_diffusion)
+    except Exception as error:
+        if not is_download_error(error):
+            raise
+        raise UserError(
+            f"Could not download the Stable Diffusion weights ({error}); connect to "
+            "the internet, or place kcv_encoder.h5, vae_encoder.h5, "
+            "kcv_diffusion_model.h5 and kcv_decoder.h5 in "
+            f"{keras_download_cache()}, or use --random-weights for a smoke run."
+        ) from None
+    return stable_diffusion
+
+
+"""
+Next, a visualization utility to show the generated images. Run as a script there is
+no screen, so every row of images is also written to a PNG file.
+"""
+
+
+def plot_images(images, title=None):
+    plt.figure(figsize=(20, 20))
+    for i in range(len(images)):
+        ax = plt.subplot(1, len(images), i + 1)
+        plt.imshow(images[i])
+        plt.axis("off")
+        if title and i == 0:
+            ax.set_title(title, loc="left")
+    if matplotlib.get_backend().lower() != "agg":
+        plt.show()
+    plt.close()
+
+
+def save_images(images, path):
+    """Writes a batch of uint8 images side by side into one PNG file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plt.imsave(path, np.concatenate(list(images), axis=1))
+
+
+def slugify(text, max_length=60):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length]
+
+
+"""
+## Assembling a text-image pair dataset
+
+To train the new token's embedding we need a dataset of text-image pairs: an image of
+the concept, and a caption that describes it with the new token where the concept goes.
+
+The tutorial's concept is a cat doll, in 5 photos of it alone, with generic captions:
+the prompt templates of the textual-inversion paper, `{}` standing for the token.
+"""
 
 SINGLE_IMAGE_URLS = [
     "https://i.imgur.com/VIedH1X.jpg",
@@ -107,6 +233,140 @@ SINGLE_PROMPTS = [
     "a photo of a small {}",
 ]
 
+"""
+The images are downloaded once into the Keras cache, resized to the model's resolution
+and scaled to [-1, 1], the range the StableDiffusion image encoder expects. With random
+weights (a smoke run) nothing is downloaded: a URL that is not in the Keras cache yet
+becomes a synthetic stand-in image.
+"""
+
+
+def download_images(urls, download=True):
+    files = []
+    for url in urls:
+        cached = os.path.join(keras_download_cache(), os.path.basename(url))
+        if not download:
+            files.append(cached if os.path.exists(cached) else url)
+            continue
+        try:
+            files.append(keras.utils.get_file(origin=url))
+        except Exception as error:
+            raise UserError(
+                f"Could not download the image {url} ({error}); check the URL and "
+                "your connection, or pass local files with --images."
+            ) from None
+    return files
+
+
+def synthetic_image(name, resolution):
+    """A smooth random-colour image, the same for the same name (smoke runs only)."""
+    rng = np.random.default_rng(sum(name.encode()))
+    corners = rng.uniform(0, 255, size=(2, 2, 3)).astype("float32")
+    return ops.convert_to_numpy(
+        keras.layers.Resizing(resolution, resolution, interpolation="bilinear")(corners)
+    )
+
+
+def load_images(files, resolution):
+    resize = keras.layers.Resizing(height=resolution, width=resolution, crop_to_aspect_ratio=True)
+    images = []
+    for path in files:
+        if re.match(r"^(https?|ftp)://", path):
+            print(f"--random-weights: {path} is not downloaded; using a synthetic image.")
+            images.append(synthetic_image(path, resolution))
+            continue
+        try:
+            image = keras.utils.img_to_array(keras.utils.load_img(path))
+        except Exception as error:
+            raise UserError(
+                f"Could not read the image {path} ({error}); remove it or replace it "
+                "with a JPEG or PNG file."
+            ) from None
+        images.append(ops.convert_to_numpy(resize(image)))
+    # The StableDiffusion image encoder expects pixel values in [-1, 1].
+    return np.array(images) / 127.5 - 1
+
+
+"""
+The image dataset is shuffled, and every time an image is used it gets some random
+noise: a random crop (80 to 100% of its area) and a random horizontal flip. The
+augmentation runs one image at a time: in parallel, which image gets which crop would
+change from run to run.
+"""
+
+
+def augmentation_layers(resolution):
+    return [
+        cv_layers.RandomCropAndResize(
+            target_size=(resolution, resolution),
+            crop_area_factor=(0.8, 1.0),
+            aspect_ratio_factor=(1.0, 1.0),
+        ),
+        cv_layers.RandomFlip(mode="horizontal"),
+    ]
+
+
+def assemble_image_dataset(image_files, resolution):
+    images = load_images(image_files, resolution)
+    image_dataset = tf.data.Dataset.from_tensor_slices(images.astype("float32"))
+    image_dataset = image_dataset.shuffle(50, reshuffle_each_iteration=True)
+    for augmentation in augmentation_layers(resolution):
+        image_dataset = image_dataset.map(augmentation)
+    return image_dataset
+
+
+"""
+Next the text dataset: each prompt template gets the placeholder token in place of `{}`,
+is tokenized, and padded with the end-of-text token to the text encoder's fixed length
+of 77.
+"""
+
+
+def encode_prompt(tokenizer, prompt):
+    token_ids = tokenizer.encode(prompt)
+    if len(token_ids) > MAX_PROMPT_LENGTH:
+        raise UserError(
+            f'The prompt "{prompt}" is {len(token_ids)} tokens long, more than the '
+            f"{MAX_PROMPT_LENGTH} the text encoder takes; shorten it."
+        )
+    padding = [tokenizer.end_of_text] * (MAX_PROMPT_LENGTH - len(token_ids))
+    return np.array(token_ids + padding, dtype="int32")
+
+
+def assemble_text_dataset(prompts, tokenizer, placeholder_token):
+    prompts = [prompt.format(placeholder_token) for prompt in prompts]
+    token_ids = np.stack([encode_prompt(tokenizer, prompt) for prompt in prompts])
+    text_dataset = tf.data.Dataset.from_tensor_slices(token_ids)
+    text_dataset = text_dataset.shuffle(100, reshuffle_each_iteration=True)
+    return text_dataset
+
+
+"""
+Then we zip the two into text-image pairs. The image dataset is short, so it repeats to
+match the prompts; the prompts, which set the length of an epoch, repeat 5 times (the
+tutorial's authors found this anecdotally improves results).
+"""
+
+PROMPT_REPEATS = 5
+
+
+def assemble_dataset(image_files, prompts, tokenizer, placeholder_token, resolution):
+    image_dataset = assemble_image_dataset(image_files, resolution)
+    text_dataset = assemble_text_dataset(prompts, tokenizer, placeholder_token)
+    image_dataset = image_dataset.repeat()
+    text_dataset = text_dataset.repeat(PROMPT_REPEATS)
+    return tf.data.Dataset.zip((image_dataset, text_dataset))
+
+
+"""
+## On the importance of prompt accuracy
+
+The tutorial's authors first trained on photos of single cat dolls and of groups of
+them with the same generic prompts, and the results were mediocre. Captions that
+describe the image accurately ("a photo of a group of {}") improved them
+*significantly*. So the group photos get prompts of their own ...
+"""
+
 GROUP_IMAGE_URLS = [
     "https://i.imgur.com/yVmZ2Qa.jpg",
     "https://i.imgur.com/JbyFbZJ.jpg",
@@ -141,628 +401,64 @@ GROUP_PROMPTS = [
     "a photo of a small group of {}",
 ]
 
-# Not in the tutorial: for teaching a style (--learnable-property style).
-STYLE_PROMPTS = [
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a cropped painting in the style of {}",
-    "the painting in the style of {}",
-    "a clean painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a picture in the style of {}",
-    "a cool painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a good painting in the style of {}",
-    "a rendition in the style of {}",
-    "a nice painting in the style of {}",
-    "a small painting in the style of {}",
-    "a weird painting in the style of {}",
-    "a large painting in the style of {}",
-]
-
-# Watched during training, every `--sample-every` epochs, with a fixed seed.
-SAMPLE_PROMPTS = [
-    "an oil painting of {}",
-    "gandalf the gray as a {}",
-    "two {} getting married, photorealistic, high quality",
-]
-
-# The tutorial's closing prompts, drawn once training is done.
-FINAL_PROMPTS = [
-    "Gandalf as a {} fantasy art drawn by disney concept artists, golden colour, "
-    "high quality, highly detailed, elegant, sharp focus, concept art, character "
-    "concepts, digital painting, mystery, adventure",
-    "A masterpiece of a {} crying out to the heavens. Behind the {}, an dark, evil "
-    "shade looms over it - sucking the life right out of it.",
-    "An evil {}.",
-    "A mysterious {} approaches the great pyramids of egypt.",
-]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one sentence, without a traceback."""
-
-    exit_code = 2
-
-
-class Interrupted(UserError):
-    exit_code = 130  # the shell's code for a program ended by Ctrl-C
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Teach StableDiffusion a new concept via textual inversion "
-        "(the keras.io tutorial, runnable today).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--images",
-        nargs="+",
-        default=SINGLE_IMAGE_URLS,
-        help="Images of the concept: URLs, files or folders.",
-    )
-    parser.add_argument(
-        "--learnable-property",
-        choices=["object", "style"],
-        default="object",
-        help="Teach an object (the tutorial's prompts) or a style (style prompts).",
-    )
-    parser.add_argument(
-        "--prompts",
-        nargs="+",
-        default=None,
-        help="Prompt templates for --images, {} standing for the token (default: the "
-        "tutorial's 25 object prompts, or style prompts). An image x.jpg with a caption "
-        "file x.txt beside it trains with that caption instead.",
-    )
-    parser.add_argument(
-        "--group-images",
-        nargs="*",
-        default=None,
-        help="Images of a group of the concept, trained with the group prompts "
-        "(default: the tutorial's group images when --images is the tutorial's too); "
-        "pass the flag with no value to skip them.",
-    )
-    parser.add_argument("--placeholder-token", default="<my-funny-cat-token>")
-    parser.add_argument("--initializer-token", default="cat")
-    parser.add_argument(
-        "--num-vectors",
-        type=int,
-        default=1,
-        help="Learn the concept as this many consecutive new tokens, each its own "
-        "vector, all starting from the initializer word (1: the tutorial).",
-    )
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument(
-        "--max-train-steps",
-        type=int,
-        default=None,
-        help="Stop after this many training steps in total (for short runs).",
-    )
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        default=512,
-        help="Image size in pixels; a multiple of 128.",
-    )
-    parser.add_argument(
-        "--sample-every",
-        type=int,
-        default=10,
-        help="Draw the sample prompts every this many epochs (0: never).",
-    )
-    parser.add_argument(
-        "--sample-steps",
-        type=int,
-        default=50,
-        help="Diffusion steps per sample image.",
-    )
-    parser.add_argument(
-        "--xla",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="Compile the models with XLA; auto means on a GPU only (on a CPU, XLA "
-        "made training slower in our measurements), and not with --distribute.",
-    )
-    add_precision_flag(parser)
-    parser.add_argument(
-        "--distribute",
-        action="store_true",
-        help="Train data-parallel on all GPUs with MirroredStrategy; --batch-size is "
-        "the global batch, split evenly among them.",
-    )
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--output-dir", default="outputs")
-    parser.add_argument(
-        "--save-every",
-        type=int,
-        default=1,
-        help=f"Save the learned embedding ({EMBEDDING_FILE}) every this many epochs "
-        "(and always at the end).",
-    )
-    parser.add_argument(
-        "--resume",
-        metavar="EMBEDDING_FILE",
-        help="Start from a saved embedding, and the step it reached, instead of the "
-        "initializer word.",
-    )
-    parser.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="Build the KerasCV models with random weights and download nothing "
-        "(image URLs not in the Keras cache become synthetic stand-ins): for smoke "
-        "runs and tests. The generated images are noise.",
-    )
-    args = parser.parse_args(argv)
-    if args.prompts is None:
-        args.prompts = STYLE_PROMPTS if args.learnable_property == "style" else SINGLE_PROMPTS
-    if args.group_images is None:
-        tutorial_images = args.images == SINGLE_IMAGE_URLS and args.learnable_property == "object"
-        args.group_images = GROUP_IMAGE_URLS if tutorial_images else []
-    check_args(args)
-    args.placeholder_text = placeholder_text(args.placeholder_token, args.num_vectors)
-    return args
-
-
-def check_resolution(resolution):
-    if resolution < 128 or resolution % 128:
-        raise UserError(
-            f"--resolution {resolution} is not a multiple of 128, which the UNet "
-            "needs; use 512 (the tutorial's), 384, 256 or 128."
-        )
-
-
-def check_args(args):
-    """Settings the models cannot take, reported before anything is built."""
-    check_resolution(args.resolution)
-    for flag, value in [
-        ("--batch-size", args.batch_size),
-        ("--epochs", args.epochs),
-        ("--num-vectors", args.num_vectors),
-        ("--max-train-steps", args.max_train_steps),
-        ("--sample-steps", args.sample_steps),
-    ]:
-        if value is not None and value < 1:
-            raise UserError(f"{flag} is {value}; it must be 1 or more.")
-    for flag, value in [("--sample-every", args.sample_every), ("--save-every", args.save_every)]:
-        if value < 0:
-            raise UserError(f"{flag} is {value}; it must be 0 (never) or more.")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning-rate is {args.learning_rate}; it must be above 0.")
-    for template in args.prompts:
-        if "{}" not in template:
-            raise UserError(
-                f'The prompt template "{template}" has no {{}}; put {{}} where the '
-                'token goes, as in "a photo of my {}".'
-            )
-
-
-def prepare_output_dir(args):
-    """Creates the output folder; refuses to mix a new run into an old one."""
-    output_dir = args.output_dir
-    old_run_files = [
-        name for name in (EMBEDDING_FILE, "loss.csv") if os.path.exists(os.path.join(output_dir, name))
-    ]
-    resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(
-        output_dir
-    )
-    if old_run_files and not resuming_here:
-        existing = os.path.join(output_dir, old_run_files[0])
-        raise UserError(
-            f"{output_dir} already holds a run ({existing}); continue it with --resume "
-            f"{os.path.join(output_dir, EMBEDDING_FILE)}, or choose a new --output-dir."
-        )
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(
-            f"Cannot write to the output folder {output_dir} ({error.strerror}); "
-            "choose another --output-dir."
-        ) from None
-
-
 """
-## Building StableDiffusion
+... and the two datasets are concatenated into the training set, which is batched and
+shuffled once more. With the tutorial's images that is (25 + 25) prompts x 5 = 250
+steps an epoch.
 
-`keras_cv.models.StableDiffusion` downloads its four parts (text encoder, VAE image
-encoder, diffusion UNet, VAE decoder) the first time each is used. For smoke runs and
-tests on a machine without the weights, `--random-weights` builds the very same KerasCV
-classes with `download_weights=False` instead.
+With a batch above 1, the image sets are mixed first, and the examples that do not fill
+a last batch are left out of that epoch.
 """
 
 
-def add_precision_flag(parser):
-    parser.add_argument(
-        "--precision",
-        choices=["float32", "mixed_float16", "mixed_bfloat16"],
-        default="float32",
-        help="Keras dtype policy of the models. mixed_float16 (with loss scaling) is "
-        "the usual choice on a GPU; on a CPU without bfloat16 hardware both mixed "
-        "policies were slower in our measurements.",
-    )
-
-
-def use_xla(xla_flag, distribute=False):
-    if xla_flag == "auto":
-        # Keras itself leaves XLA off under tf.distribute; so do we, unless asked.
-        return bool(tf.config.list_physical_devices("GPU")) and not distribute
-    return xla_flag == "on"
-
-
-def build_stable_diffusion(
-    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32"
-):
-    # The dtype policy applies to every layer built from here on.
-    keras.mixed_precision.set_global_policy(precision)
-    stable_diffusion = keras_cv.models.StableDiffusion(
-        img_height=resolution, img_width=resolution, jit_compile=jit_compile
-    )
-    # The tokenizer, extended with the new token below, was made before the models.
-    stable_diffusion._tokenizer = tokenizer
-    try:
-        if random_weights:
-            sd_models = keras_cv.models.stable_diffusion
-            stable_diffusion._text_encoder = sd_models.TextEncoder(
-                MAX_PROMPT_LENGTH, download_weights=False
-            )
-            stable_diffusion._image_encoder = sd_models.ImageEncoder(
-                download_weights=False
-            )
-            stable_diffusion._diffusion_model = sd_models.DiffusionModel(
-                resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
-            )
-            stable_diffusion._decoder = sd_models.Decoder(
-                resolution, resolution, download_weights=False
-            )
-            for model in (
-                stable_diffusion._text_encoder,
-                stable_diffusion._image_encoder,
-                stable_diffusion._diffusion_model,
-                stable_diffusion._decoder,
-            ):
-                model.compile(jit_compile=jit_compile)  # as keras-cv does
-        # Touch each part so that its weights load (or download) now, not mid-run.
-        for part in ("text_encoder", "image_encoder", "diffusion_model", "decoder"):
-            getattr(stable_diffusion, part)
-    except Exception as error:
-        if not is_download_error(error):
-            raise
-        raise UserError(
-            f"Could not download the Stable Diffusion weights ({error}); connect to "
-            "the internet, or place kcv_encoder.h5, vae_encoder.h5, "
-            "kcv_diffusion_model.h5 and kcv_decoder.h5 in "
-            f"{keras_download_cache()}, or use --random-weights for a smoke run."
-        ) from None
-    return stable_diffusion
-
-
-def build_tokenizer():
-    try:
-        return keras_cv.models.stable_diffusion.SimpleTokenizer()
-    except Exception as error:
-        if not is_download_error(error):
-            raise
-        raise UserError(
-            f"Could not download the CLIP vocabulary ({error}); connect to the "
-            "internet, or place bpe_simple_vocab_16e6.txt.gz in "
-            f"{keras_download_cache()}."
-        ) from None
-
-
-def keras_download_cache():
-    """Where `keras.utils.get_file` keeps (and first looks for) its downloads."""
-    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    return os.path.join(keras_home, "datasets")
-
-
-def is_download_error(error):
-    return "fetch failure" in str(error) or "URL" in str(error)
-
-
-"""
-## Visualization utilities
-
-`plot_images` shows a row of generated images, as in the tutorial. Run as a script there
-is no screen, so every figure is also written to a PNG file.
-"""
-
-
-def plot_images(images, title=None):
-    plt.figure(figsize=(20, 20))
-    for i in range(len(images)):
-        ax = plt.subplot(1, len(images), i + 1)
-        plt.imshow(images[i])
-        plt.axis("off")
-        if title and i == 0:
-            ax.set_title(title, loc="left")
-    if matplotlib.get_backend().lower() != "agg":
-        plt.show()
-    plt.close()
-
-
-def save_images(images, path):
-    """Writes a batch of uint8 images side by side into one PNG file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    plt.imsave(path, np.concatenate(list(images), axis=1))
-
-
-def slugify(text, max_length=60):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length]
-
-
-"""
-## Assembling a text-image pair dataset
-
-To train the new token's embedding we need pairs of an image of the concept and a
-caption that describes it, with the new token where the concept goes.
-
-The images are resized to the model's resolution, scaled to [-1, 1] (the range the
-StableDiffusion image encoder expects), shuffled, and randomly cropped and flipped.
-`--images` takes URLs (downloaded and cached by Keras), files or folders.
-"""
-
-
-def resolve_image_files(sources, download=True):
-    """Local files for `sources` (URLs, files, folders).
-
-    With `download=False` (random-weights smoke runs) nothing is fetched: a URL not
-    already in the Keras cache is returned as is, for a synthetic stand-in.
-    """
-    files = []
-    for source in sources:
-        if re.match(r"^(https?|ftp)://", source):
-            cached = os.path.join(keras_download_cache(), os.path.basename(source))
-            if not download:
-                files.append(cached if os.path.exists(cached) else source)
-                continue
-            try:
-                files.append(keras.utils.get_file(origin=source))
-            except Exception as error:
-                raise UserError(
-                    f"Could not download the image {source} ({error}); check the "
-                    "URL and your connection, or pass local files with --images."
-                ) from None
-        elif os.path.isdir(source):
-            found = sorted(
-                os.path.join(source, name)
-                for name in os.listdir(source)
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise UserError(
-                    f"The folder {source} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                    "put your photos there or pass image files with --images."
-                )
-            files.extend(found)
-        elif os.path.isfile(source):
-            files.append(source)
-        else:
-            raise UserError(
-                f"The image {source} does not exist; check the path, or pass a URL "
-                "or a folder with --images."
-            )
-    return files
-
-
-def load_images(files, resolution):
-    resize = keras.layers.Resizing(
-        height=resolution, width=resolution, crop_to_aspect_ratio=True
-    )
-    images = []
-    for path in files:
-        if re.match(r"^(https?|ftp)://", path):
-            print(f"--random-weights: {path} is not downloaded; using a synthetic image.")
-            images.append(synthetic_image(path, resolution))
-            continue
-        try:
-            image = keras.utils.img_to_array(keras.utils.load_img(path))
-        except Exception as error:
-            raise UserError(
-                f"Could not read the image {path} ({error}); remove it or replace it "
-                "with a JPEG or PNG file."
-            ) from None
-        images.append(ops.convert_to_numpy(resize(image)))
-    # The StableDiffusion image encoder expects pixel values in [-1, 1].
-    return np.array(images) / 127.5 - 1
-
-
-def synthetic_image(name, resolution):
-    """A smooth random-colour image, the same for the same name (smoke runs only)."""
-    rng = np.random.default_rng(sum(name.encode()))
-    corners = rng.uniform(0, 255, size=(2, 2, 3)).astype("float32")
-    return ops.convert_to_numpy(
-        keras.layers.Resizing(resolution, resolution, interpolation="bilinear")(corners)
-    )
-
-
-def assemble_image_dataset(sources, resolution, download=True):
-    images = load_images(resolve_image_files(sources, download), resolution)
-    image_dataset = tf.data.Dataset.from_tensor_slices(images.astype("float32"))
-    # Shuffle, and add some random noise: crops and flips. (One image at a time: in
-    # parallel, which image gets which random crop would change from run to run.)
-    image_dataset = image_dataset.shuffle(50, reshuffle_each_iteration=True)
-    for augmentation in augmentation_layers(resolution):
-        image_dataset = image_dataset.map(augmentation)
-    return image_dataset
-
-
-def augmentation_layers(resolution):
-    return [
-        cv_layers.RandomCropAndResize(
-            target_size=(resolution, resolution),
-            crop_area_factor=(0.8, 1.0),
-            aspect_ratio_factor=(1.0, 1.0),
-        ),
-        cv_layers.RandomFlip(mode="horizontal"),
-    ]
-
-
-"""
-Next the text dataset: each prompt template gets the placeholder token in place of `{}`,
-is tokenized, and padded with the end-of-text token to the CLIP text encoder's fixed
-length of 77.
-"""
-
-
-def encode_prompt(tokenizer, prompt):
-    token_ids = tokenizer.encode(prompt)
-    if len(token_ids) > MAX_PROMPT_LENGTH:
-        raise UserError(
-            f'The prompt "{prompt}" is {len(token_ids)} tokens long, more than the '
-            f"{MAX_PROMPT_LENGTH} the text encoder takes; shorten it."
-        )
-    padding = [tokenizer.end_of_text] * (MAX_PROMPT_LENGTH - len(token_ids))
-    return np.array(token_ids + padding, dtype="int32")
-
-
-def assemble_text_dataset(prompts, tokenizer, placeholder_token):
-    prompts = [prompt.format(placeholder_token) for prompt in prompts]
-    token_ids = np.stack([encode_prompt(tokenizer, prompt) for prompt in prompts])
-    text_dataset = tf.data.Dataset.from_tensor_slices(token_ids)
-    text_dataset = text_dataset.shuffle(100, reshuffle_each_iteration=True)
-    return text_dataset
-
-
-"""
-Then we zip the two into text-image pairs. The image dataset is short, so it repeats to
-match the prompts; the prompts, which set the length of an epoch, repeat 5 times (the
-tutorial's authors found this anecdotally improves results).
-"""
-
-
-def assemble_dataset(
-    image_sources, prompts, tokenizer, placeholder_token, resolution, download=True
-):
-    image_dataset = assemble_image_dataset(image_sources, resolution, download)
-    text_dataset = assemble_text_dataset(prompts, tokenizer, placeholder_token)
-    image_dataset = image_dataset.repeat()
-    text_dataset = text_dataset.repeat(5)
-    return tf.data.Dataset.zip((image_dataset, text_dataset))
-
-
-"""
-### On the importance of prompt accuracy
-
-The tutorial's authors first trained on pictures of single cat dolls and of groups of
-them with the same generic prompts, and the results were mediocre. Captions that
-describe the image accurately ("a photo of a group of {}") improved them
-*significantly*. So the single images and the group images form two datasets, each with
-its own prompts, concatenated into the final training set.
-"""
-
-
-def assemble_train_dataset(args, tokenizer):
-    download = not args.random_weights
-    files = resolve_image_files(args.images, download)
-    captions = {path: read_caption(path) for path in files}
-    uncaptioned = [path for path in files if captions[path] is None]
-    captioned = [path for path in files if captions[path] is not None]
-    datasets = []
-    if uncaptioned:
-        datasets.append(
-            assemble_dataset(
-                uncaptioned,
-                args.prompts,
-                tokenizer,
-                args.placeholder_text,
-                args.resolution,
-                download,
-            )
-        )
-    if captioned:  # not in the tutorial: see "Own captions" below
-        datasets.append(
-            assemble_captioned_dataset(
-                captioned,
-                [captions[path] for path in captioned],
-                tokenizer,
-                args.placeholder_text,
-                args.resolution,
-            )
-        )
+def assemble_train_dataset(datasets, batch_size=BATCH_SIZE):
     train_ds = datasets[0]
     for dataset in datasets[1:]:
         train_ds = train_ds.concatenate(dataset)
-    if args.group_images:
-        group_ds = assemble_dataset(
-            args.group_images,
-            GROUP_PROMPTS,
-            tokenizer,
-            args.placeholder_text,
-            args.resolution,
-            download,
-        )
-        train_ds = train_ds.concatenate(group_ds)
-    # Full batches only: a step then means the same with --distribute, where every
-    # batch must split evenly over the devices, as without.
     examples = int(train_ds.cardinality())
-    if args.batch_size > examples:
+    if batch_size > examples:
         raise UserError(
-            f"--batch-size {args.batch_size} is more than the {examples} examples of an "
+            f"--batch-size {batch_size} is more than the {examples} examples of an "
             f"epoch; use {examples} or less."
         )
-    if args.batch_size > 1:
-        # Not needed at the tutorial's batch of 1: mix the image sets before batching,
-        # so that batches mix them and the examples left over each epoch are random.
+    if batch_size > 1:
         train_ds = train_ds.shuffle(examples, reshuffle_each_iteration=True)
-    train_ds = train_ds.batch(args.batch_size, drop_remainder=True)
+    train_ds = train_ds.batch(batch_size, drop_remainder=True)
     train_ds = train_ds.shuffle(train_ds.cardinality(), reshuffle_each_iteration=True)
     return train_ds
-
-
-"""
-### Own captions
-
-Not in the tutorial, but its lesson: accurate prompts matter. An image `x.jpg` with a
-text file `x.txt` beside it trains with that caption, `{}` standing for the token
-("a photo of {} asleep on a red sofa"), instead of the generic prompts. Each
-captioned image appears 5 times an epoch, like each generic prompt.
-"""
-
-
-def read_caption(image_path):
-    caption_path = os.path.splitext(image_path)[0] + ".txt"
-    if not os.path.isfile(caption_path):
-        return None
-    with open(caption_path, encoding="utf-8") as f:
-        caption = " ".join(f.read().split())
-    if "{}" not in caption:
-        raise UserError(
-            f'The caption in {caption_path} has no {{}}; put {{}} where the concept is, '
-            'as in "a photo of {} on a red sofa".'
-        )
-    return caption
-
-
-def assemble_captioned_dataset(files, captions, tokenizer, placeholder_token, resolution):
-    images = load_images(files, resolution).astype("float32")
-    token_ids = np.stack(
-        [encode_prompt(tokenizer, caption.replace("{}", placeholder_token)) for caption in captions]
-    )
-    dataset = tf.data.Dataset.from_tensor_slices((images, token_ids))
-    dataset = dataset.shuffle(50, reshuffle_each_iteration=True)
-    for augmentation in augmentation_layers(resolution):
-        dataset = dataset.map(
-            lambda image, ids, augmentation=augmentation: (augmentation(image), ids)
-        )
-    return dataset.repeat(5)
 
 
 """
 ## Adding a new token to the text encoder
 
 The tokenizer learns the placeholder as a new token at the end of its vocabulary
-(id 49408). The text encoder's token embedding then needs one more row: we build a new
-KerasCV `TextEncoder` with the larger vocabulary, copy every weight of the old one, and
-give the new row the embedding of the initializer word, `cat`.
+(id 49408), and we look up the id of the initializer word, which must be one token.
+"""
+
+
+def initializer_token_id(tokenizer, initializer_token):
+    initializer_ids = tokenizer.encode(initializer_token)[1:-1]  # without start and end
+    if len(initializer_ids) != 1:
+        pieces = [tokenizer.decode([i]).strip() for i in initializer_ids]
+        raise UserError(
+            f'The initializer word "{initializer_token}" is {len(initializer_ids)} '
+            f"tokens ({', '.join(pieces)}), not one; pick a single-token word."
+        )
+    return initializer_ids[0]
+
+
+def add_placeholder_token(tokenizer, placeholder_token, initializer_token):
+    """Adds the placeholder to the tokenizer; returns its id and the initializer's."""
+    initializer_id = initializer_token_id(tokenizer, initializer_token)
+    tokenizer.add_tokens(placeholder_token)
+    return tokenizer.encoder[placeholder_token], initializer_id
+
+
+"""
+The text encoder's token embedding then needs one more row. We build a new KerasCV
+`TextEncoder` with the larger vocabulary, copy every weight of the old one into it, and
+give the new row the embedding of the initializer word, `cat`: before any training,
+the new token means "cat".
 """
 
 
@@ -774,78 +470,10 @@ def get_embedding_layer(text_encoder):
     raise ValueError("This text encoder has no CLIP embedding layer.")
 
 
-def check_new_token(tokenizer, token):
-    if not token or any(c.isspace() for c in token):
-        raise UserError(
-            f'The placeholder token "{token}" is empty or has spaces; use one word '
-            "such as <my-concept>."
-        )
-    if token != token.lower():
-        # The tokenizer lowercases prompts, so a token with capitals would never match.
-        raise UserError(
-            f"The placeholder token {token} has capital letters; use lowercase, "
-            f"such as {token.lower()}."
-        )
-    if token in tokenizer.encoder or len(tokenizer.encode(token)) == 3:
-        raise UserError(
-            f"The placeholder token {token} is already in the vocabulary; choose a "
-            "new one, such as <my-concept>."
-        )
-
-
-def add_placeholder_token(tokenizer, placeholder_token, initializer_token, num_vectors=1):
-    """Adds the placeholder to the tokenizer; returns (its ids, the initializer's id)."""
-    initializer_ids = tokenizer.encode(initializer_token)[1:-1]
-    if len(initializer_ids) != 1:
-        pieces = [tokenizer.decode([i]).strip() for i in initializer_ids]
-        raise UserError(
-            f'The initializer word "{initializer_token}" is {len(initializer_ids)} '
-            f"tokens ({', '.join(pieces)}), not one; pick a single-token word."
-        )
-    return add_new_tokens(tokenizer, placeholder_token, num_vectors), initializer_ids[0]
-
-
 def token_rows(text_encoder, token_ids):
     """The embedding rows of `token_ids`, as a numpy array."""
     token_weights = get_embedding_layer(text_encoder).token_embedding.get_weights()[0]
     return token_weights[np.array(token_ids)]
-
-
-"""
-Not in the tutorial: `--num-vectors N` lets the concept be N consecutive new tokens,
-`<my-funny-cat-token> <my-funny-cat-token-1> ...`, each with a vector of its own, as in
-diffusers and AUTOMATIC1111. Prompts name the placeholder once; it is written out as
-all N tokens before tokenizing. With N=1 (the default) this is the tutorial.
-"""
-
-
-def placeholder_names(token, num_vectors):
-    extra = [
-        f"{token[:-1]}-{i}>" if token.endswith(">") else f"{token}-{i}"
-        for i in range(1, num_vectors)
-    ]
-    return [token] + extra
-
-
-def placeholder_text(token, num_vectors):
-    return " ".join(placeholder_names(token, num_vectors))
-
-
-def add_new_tokens(tokenizer, token, num_vectors):
-    """Adds the token's names to the tokenizer; returns their ids, in name order."""
-    names = placeholder_names(token, num_vectors)
-    for name in names:
-        check_new_token(tokenizer, name)
-    # The tokenizer finds added tokens with a regex that tries them in the order they
-    # were added: the longer names go first, so that "<t>" never matches in "<t-1>".
-    tokenizer.add_tokens(names[::-1])
-    return [tokenizer.encoder[name] for name in names]
-
-
-def rows_in_id_order(vectors, token_ids):
-    """`vectors` (in name order) reordered to the order of their token ids, the
-    order in which `extend_text_encoder` appends rows."""
-    return np.asarray(vectors)[np.argsort(token_ids)]
 
 
 def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
@@ -863,13 +491,32 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
     for old_layer, new_layer in zip(text_encoder.layers, new_encoder.layers):
         if old_layer is old_embedding:
             new_layer.token_embedding.set_weights([new_token_weights])
-            new_layer.position_embedding.set_weights(
-                old_embedding.position_embedding.get_weights()
-            )
+            new_layer.position_embedding.set_weights(old_embedding.position_embedding.get_weights())
         else:
             new_layer.set_weights(old_layer.get_weights())
     new_encoder.compile(jit_compile=jit_compile)
     return new_encoder
+
+
+"""
+Before training, a look at what StableDiffusion draws for the new token: still a cat,
+the word it started from. `draw_samples` draws 3 images of a prompt with a fixed seed
+(so that the token's progress is easy to follow), shows them, and keeps them as
+`samples/epoch-NNN_<prompt>.png`; epoch 0 is before training.
+"""
+
+SAMPLE_PROMPTS = [
+    "an oil painting of {}",
+    "gandalf the gray as a {}",
+    "two {} getting married, photorealistic, high quality",
+]
+
+
+def draw_samples(stable_diffusion, prompt, epoch, output_dir, steps=SAMPLE_STEPS, seed=SEED):
+    images = stable_diffusion.text_to_image(prompt, batch_size=3, num_steps=steps, seed=seed)
+    name = f"epoch-{epoch:03d}_{slugify(prompt)}.png"
+    save_images(images, os.path.join(output_dir, "samples", name))
+    plot_images(images, title=f"epoch {epoch}: {prompt}" if epoch else f"before training: {prompt}")
 
 
 """
@@ -900,14 +547,10 @@ A few utilities first:
 
 - `sample_from_encoder_outputs` samples from the distribution the VAE image encoder
   predicts, instead of taking only its mean as many StableDiffusion applications do
-  (with noise from `standard_normal(shape)`, drawn as described below).
+  (`standard_normal(shape)` gives the noise for it).
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
-  of timesteps (at once, not one by one with `tf.map_fn`).
+  of timesteps, at once (the tutorial mapped over them one by one).
 - `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
-
-The trainer is also written for several devices (`--distribute`); the lines about
-replicas do nothing on one device and are explained in "Extras: training on several
-devices" below.
 """
 
 
@@ -929,14 +572,15 @@ def get_position_ids():
     return ops.expand_dims(ops.arange(MAX_PROMPT_LENGTH, dtype="int32"), 0)
 
 
-def placeholder_gradient(embedding_gradient, placeholder_token_ids):
-    """The rows of the embedding matrix's gradient that belong to the placeholder.
+"""
+The tutorial's masked gradient. The gradient of an embedding lookup is a
+`tf.IndexedSlices`: a row of `values` for every token position of the batch, and its
+token id in `indices`. We keep the rows of the placeholder's id, zero all others, and
+sum them (a prompt may hold the placeholder more than once).
+"""
 
-    This is the tutorial's masked gradient. The gradient of an embedding lookup is a
-    `tf.IndexedSlices`: a row of `values` for every token position of the batch, and
-    its token id in `indices`. We keep the rows of the placeholder's ids, zero all
-    others, and sum them per placeholder id.
-    """
+
+def placeholder_gradient(embedding_gradient, placeholder_token_ids):
     if not isinstance(embedding_gradient, tf.IndexedSlices):
         return ops.take(embedding_gradient, placeholder_token_ids, axis=0)
     is_placeholder = ops.equal(
@@ -952,59 +596,43 @@ Now the heart of textual inversion, `StableDiffusionFineTuner`: a `keras.Model` 
 `train_step` trains the placeholder's embedding.
 
 In each step the frozen VAE encodes the training images into latents (a sample of the
-predicted distribution, scaled by the magic constant 0.18215 the model was trained with),
-random noise is added at a random timestep, and the frozen diffusion model predicts that
-noise, guided by the text encoder's encoding of the image's prompt. The loss is the mean
-squared error between the true and the predicted noise. Its gradient reaches the token
-embedding matrix through the text encoder; we keep only the placeholder's rows of it,
-let the optimizer update the learned vector, and write that back into the matrix.
+predicted distribution, scaled by 0.18215), random noise is added at a random
+timestep, and the frozen diffusion model predicts that noise, guided by the text
+encoder's encoding of the image's prompt. The loss is the mean squared error between
+the true and the predicted noise. Its gradient reaches the token embedding matrix
+through the text encoder; we keep only the placeholder's row of it, let the optimizer
+update the learned vector, and write that back into the matrix.
+
+The random numbers of a step come from the trainer's own seed generator, so a run
+repeats with the same seed. `step` counts the batches trained on.
 """
 
 
 class StableDiffusionFineTuner(keras.Model):
     def __init__(
-        self,
-        stable_diffusion,
-        noise_scheduler,
-        placeholder_token_ids,
-        seed=None,
-        **kwargs,
+        self, stable_diffusion, noise_scheduler, placeholder_token_ids, seed=None, **kwargs
     ):
         super().__init__(**kwargs)
         self.stable_diffusion = stable_diffusion
         self.noise_scheduler = noise_scheduler
-        self.placeholder_token_ids = ops.convert_to_tensor(
-            placeholder_token_ids, dtype="int32"
-        )
+        self.placeholder_token_ids = ops.convert_to_tensor(placeholder_token_ids, dtype="int32")
         # Leaving out the encoder's last layer (which keeps the mean only and scales
         # it) gives the mean and log-variance of the latent distribution.
         image_encoder = stable_diffusion.image_encoder
         self.training_image_encoder = keras.Model(
             image_encoder.inputs, image_encoder.layers[-2].output
         )
-        self.token_embedding = get_embedding_layer(
-            stable_diffusion.text_encoder
-        ).token_embedding
+        self.token_embedding = get_embedding_layer(stable_diffusion.text_encoder).token_embedding
         initial_vectors = ops.take(
             self.token_embedding.embeddings, self.placeholder_token_ids, axis=0
         )
         self.learned_embedding = self.add_weight(
-            shape=tuple(initial_vectors.shape),
-            initializer="zeros",
-            name="learned_embedding",
+            shape=tuple(initial_vectors.shape), initializer="zeros", name="learned_embedding"
         )
         self.learned_embedding.assign(initial_vectors)
-        # Steps taken (batches seen). The optimizer's own count can lag behind it
-        # under mixed_float16, whose loss scaling skips steps that overflow. (Under
-        # --distribute every replica counts the same step: the first one's count is
-        # kept.)
+        # One count of steps, also on several devices.
         self.step = self.add_weight(
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-            name="step",
+            shape=(), dtype="int64", trainable=False, aggregation="only_first_replica", name="step"
         )
         self.position_ids = get_position_ids()
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -1015,59 +643,12 @@ class StableDiffusionFineTuner(keras.Model):
     def metrics(self):
         return [self.loss_tracker]
 
-    def write_learned_embedding(self):
-        """Copies the learned vectors into their rows of the text encoder's matrix.
-
-        With --distribute every device holds a copy of the matrix, and a write must go
-        through the strategy (from the replicas, by a `merge_call`) so that the copies
-        stay equal. On one device this is a plain scatter update.
-        """
-
-        def write_rows(matrix, vectors):
-            matrix.scatter_nd_update(self.placeholder_token_ids[:, None], vectors)
-
-        def write_on_every_device(strategy, vectors):
-            strategy.extended.update(
-                self.token_embedding.embeddings.value, write_rows, args=(vectors,), group=False
-            )
-
-        if tf.distribute.in_cross_replica_context():
-            write_on_every_device(tf.distribute.get_strategy(), self.learned_embedding.value)
-        else:
-            tf.distribute.get_replica_context().merge_call(
-                write_on_every_device, args=(self.learned_embedding.value,)
-            )
-
-    def random_for_batch(self, draw, shape):
-        """Random values of `shape` for this batch, drawn by `draw(shape)`.
-
-        With --distribute each replica gets a slice of the global batch. Every replica
-        draws the same values for the whole global batch (the seed generator is the
-        same on each) and keeps the rows of its own slice, so each example gets its
-        own noise, exactly as on one device. On one device this is `draw(shape)`.
-        """
-        replica = tf.distribute.get_replica_context()
-        batch_size = shape[0]
-        global_shape = (batch_size * replica.num_replicas_in_sync, *shape[1:])
-        start = replica.replica_id_in_sync_group * batch_size
-        return draw(global_shape)[start : start + batch_size]
-
     def standard_normal(self, shape):
-        return self.random_for_batch(
-            lambda shape: keras.random.normal(shape, seed=self.seed_generator), shape
-        )
+        return keras.random.normal(shape, seed=self.seed_generator)
 
     def random_timesteps(self, shape):
-        return self.random_for_batch(
-            lambda shape: keras.random.randint(
-                shape,
-                minval=0,
-                maxval=self.noise_scheduler.train_timesteps,
-                dtype="int32",
-                seed=self.seed_generator,
-            ),
-            shape,
-        )
+        maxval = self.noise_scheduler.train_timesteps
+        return keras.random.randint(shape, 0, maxval, dtype="int32", seed=self.seed_generator)
 
     def compute_denoising_loss(self, images, token_ids):
         # Sample from the predicted distribution of the training images' latents, and
@@ -1075,27 +656,34 @@ class StableDiffusionFineTuner(keras.Model):
         latents = sample_from_encoder_outputs(
             self.training_image_encoder(images, training=False), self.standard_normal
         )
-        latents = latents * 0.18215
+        latents = latents * LATENT_SCALE
 
         # Random noise, and a random timestep for each sample in the batch.
         noise = self.standard_normal(ops.shape(latents))
-        batch_dim = ops.shape(latents)[0]
-        timesteps = self.random_timesteps((batch_dim,))
+        timesteps = self.random_timesteps((ops.shape(latents)[0],))
 
         # Add noise to the latents according to each sample's timestep.
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         # Encode the prompts: the diffusion model's guide (its "context").
-        encoder_hidden_state = self.stable_diffusion.text_encoder(
-            [token_ids, self.position_ids]
-        )
+        encoder_hidden_state = self.stable_diffusion.text_encoder([token_ids, self.position_ids])
 
         # Predict the noise, and compare it with the noise that was added.
         noise_pred = self.stable_diffusion.diffusion_model(
             [noisy_latents, get_timestep_embedding(timesteps), encoder_hidden_state]
         )
-        # In float32 also under mixed precision.
         return ops.mean(ops.square(noise - ops.cast(noise_pred, "float32")))
+
+    def scaled_loss(self, loss):
+        """The loss to differentiate: the loss itself, unless the optimizer scales it
+        (mixed_float16, see "Speed" below)."""
+        return self.optimizer.scale_loss(loss)
+
+    def write_learned_embedding(self):
+        """Copies the learned vectors into their rows of the text encoder's matrix."""
+        self.token_embedding.embeddings.value.scatter_nd_update(
+            self.placeholder_token_ids[:, None], self.learned_embedding.value
+        )
 
     def train_step(self, data):
         images, token_ids, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -1103,13 +691,7 @@ class StableDiffusionFineTuner(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(embedding_matrix)
             loss = self.compute_denoising_loss(images, token_ids)
-            # With --distribute the optimizer sums the replicas' gradients, so each
-            # replica's loss counts 1/replicas: the sum is the global batch's mean.
-            # Under mixed_float16 the optimizer also scales the loss up so that small
-            # float16 gradients do not vanish (it unscales them before the update).
-            # On one device in float32 this is the loss as it is.
-            replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            scaled_loss = self.scaled_loss(loss)
 
         # The masked gradient: only the placeholder's rows of the matrix's gradient.
         embedding_gradient = tape.gradient(scaled_loss, embedding_matrix)
@@ -1123,156 +705,44 @@ class StableDiffusionFineTuner(keras.Model):
 
 
 """
-To watch training, a callback draws a few images with the new token every
-`--sample-every` epochs. We make one per prompt, each with the same fixed seed, so the
-token's progress is easy to see. Another callback writes the loss of every step to
-`loss.csv`, and a third ends short runs after `--max-train-steps` steps.
+To watch training, a callback draws the sample prompts every `SAMPLE_EVERY` epochs,
+each with the same seed.
 """
 
 
 class GenerateImages(keras.callbacks.Callback):
-    def __init__(
-        self,
-        stable_diffusion,
-        prompt,
-        steps=50,
-        frequency=10,
-        seed=None,
-        output_dir=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.stable_diffusion = stable_diffusion
-        self.prompt = prompt
-        self.seed = seed
+    def __init__(self, stable_diffusion, prompt, output_dir, frequency=SAMPLE_EVERY, **options):
+        super().__init__()
+        self.stable_diffusion, self.prompt, self.output_dir = stable_diffusion, prompt, output_dir
         self.frequency = frequency
-        self.steps = steps
-        self.output_dir = output_dir
+        self.options = options  # draw_samples's steps and seed
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch % self.frequency == 0:
-            images = self.stable_diffusion.text_to_image(
-                self.prompt, batch_size=3, num_steps=self.steps, seed=self.seed
+            draw_samples(
+                self.stable_diffusion, self.prompt, epoch + 1, self.output_dir, **self.options
             )
-            name = f"epoch-{epoch + 1:03d}_{slugify(self.prompt)}.png"
-            save_images(images, os.path.join(self.output_dir, "samples", name))
-            plot_images(images, title=f"epoch {epoch + 1}: {self.prompt}")
-
-
-class LossLogger(keras.callbacks.Callback):
-    """Appends (step, epoch, loss, seconds) to a CSV file after every training step,
-    and prints the typical time of a step at the end."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-        self.epoch = 0
-        self.step_seconds = []
-
-    def on_train_begin(self, logs=None):
-        if not os.path.exists(self.path):
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(["step", "epoch", "loss", "seconds"])
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.step_start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        seconds = time.perf_counter() - self.step_start
-        self.step_seconds.append(seconds)
-        step = int(self.model.step.numpy())
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow(
-                [step, self.epoch, float(logs["step_loss"]), round(seconds, 4)]
-            )
-
-    def on_train_end(self, logs=None):
-        if len(self.step_seconds) > 1:
-            # The first step also traces (and compiles) the train step: leave it out.
-            print(
-                f"Trained {len(self.step_seconds)} steps: "
-                f"{1000 * np.median(self.step_seconds[1:]):.0f} ms/step (median; the "
-                f"first step, which traces the model, took {self.step_seconds[0]:.1f} s)."
-            )
-
-
-class StopAfterSteps(keras.callbacks.Callback):
-    def __init__(self, max_steps):
-        super().__init__()
-        self.max_steps = max_steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.step.numpy()) >= self.max_steps:
-            self.model.stop_training = True
-
-
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stops training when the loss or the learned vector stops being finite, and puts
-    back the last good vector, so that it, not the broken one, is what gets saved."""
-
-    def on_train_begin(self, logs=None):
-        self.failed_step = None
-        self.remember_good_state()
-
-    def remember_good_state(self):
-        self.good_vector = self.model.learned_embedding.numpy()
-        self.good_step = int(self.model.step.numpy())
-
-    def on_train_batch_end(self, batch, logs=None):
-        vector = self.model.learned_embedding.numpy()
-        if math.isfinite(float(logs["step_loss"])) and np.isfinite(vector).all():
-            self.remember_good_state()
-            return
-        self.failed_step = int(self.model.step.numpy())
-        with self.model.distribute_strategy.scope():
-            self.model.learned_embedding.assign(self.good_vector)
-            self.model.write_learned_embedding()
-            self.model.step.assign(self.good_step)
-        self.model.stop_training = True
-
-
-def plot_loss(csv_path, png_path):
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    steps = np.array([int(row["step"]) for row in rows])
-    losses = np.array([float(row["loss"]) for row in rows])
-    plt.figure(figsize=(8, 4))
-    plt.plot(steps, losses, alpha=0.4, label="loss per step")
-    window = min(50, len(losses) // 3)
-    if window > 1:
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        plt.plot(steps[window - 1 :], smooth, label=f"mean of {window} steps")
-    plt.xlabel("step")
-    plt.ylabel("denoising loss (MSE)")
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(png_path)
-    plt.close()
 
 
 """
-Before training, a look at what StableDiffusion draws for the token: still a cat, the
-word it was initialized from.
-
 Then, as with any Keras model, `compile()` and `fit()`. The noise scheduler is the one
-StableDiffusion was trained with; the learning rate follows a cosine decay from 1e-4
-over the whole run; Adam has a small weight decay and the gradient norm is clipped.
+StableDiffusion was trained with; the learning rate follows a cosine decay over the
+whole run; Adam has a small weight decay and the gradient norm is clipped.
 """
 
 
 def build_trainer(
-    stable_diffusion, placeholder_token_ids, learning_rate, seed=None, jit_compile=False
+    stable_diffusion,
+    placeholder_token_ids,
+    learning_rate,
+    seed=None,
+    jit_compile=False,
+    trainer_class=StableDiffusionFineTuner,
 ):
     noise_scheduler = NoiseScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        train_timesteps=1000,
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", train_timesteps=1000
     )
-    trainer = StableDiffusionFineTuner(
+    trainer = trainer_class(
         stable_diffusion, noise_scheduler, placeholder_token_ids, seed=seed, name="trainer"
     )
     optimizer = keras.optimizers.Adam(
@@ -1282,120 +752,11 @@ def build_trainer(
     return trainer
 
 
-def train(
-    stable_diffusion, train_ds, placeholder_token_ids, args, initial_step=0, strategy=None
-):
-    sample_prompts = [p.format(args.placeholder_text) for p in SAMPLE_PROMPTS]
-    if args.sample_every and not initial_step:
-        before = stable_diffusion.text_to_image(
-            sample_prompts[0], seed=args.seed, batch_size=3, num_steps=args.sample_steps
-        )
-        name = f"epoch-000_{slugify(sample_prompts[0])}.png"
-        save_images(before, os.path.join(args.output_dir, "samples", name))
-        plot_images(before, title=f"before training: {sample_prompts[0]}")
-
-    learning_rate = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=args.learning_rate,
-        decay_steps=int(train_ds.cardinality()) * args.epochs,
+def train(trainer, train_ds, epochs=EPOCHS, callbacks=(), **fit_options):
+    # The dataset shuffles itself; `shuffle=False` only tells Keras so.
+    return trainer.fit(
+        train_ds, epochs=epochs, callbacks=list(callbacks), shuffle=False, **fit_options
     )
-    with (strategy or tf.distribute.get_strategy()).scope():
-        trainer = build_trainer(
-            stable_diffusion,
-            placeholder_token_ids,
-            learning_rate,
-            seed=args.seed,
-            jit_compile=use_xla(args.xla, args.distribute),
-        )
-    # A resumed run goes on where the saved one stopped, on the same schedule.
-    steps_per_epoch = int(train_ds.cardinality())
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_train_steps:
-        total_steps = min(total_steps, args.max_train_steps)
-    if initial_step >= total_steps:
-        raise UserError(
-            f"The embedding to resume already has {initial_step} steps, the whole "
-            f"run ({total_steps}); raise --epochs or --max-train-steps to go on."
-        )
-    trainer.step.assign(initial_step)
-    trainer.optimizer.iterations.assign(initial_step)
-
-    callbacks = [
-        GenerateImages(
-            stable_diffusion,
-            prompt=prompt,
-            steps=args.sample_steps,
-            frequency=args.sample_every,
-            seed=args.seed,
-            output_dir=args.output_dir,
-        )
-        for prompt in sample_prompts
-        if args.sample_every
-    ]
-    if args.sample_every:
-        # Not in the tutorial: one picture of all samples so far (see the end).
-        samples_dir = os.path.join(args.output_dir, "samples")
-        callbacks.append(ProgressMontage(samples_dir, sample_prompts, args.sample_every))
-    callbacks += [
-        LossLogger(os.path.join(args.output_dir, "loss.csv")),
-        StopAfterSteps(total_steps),
-        SaveEmbedding(
-            os.path.join(args.output_dir, EMBEDDING_FILE),
-            args.placeholder_token,
-            every=args.save_every,
-            metadata=embedding_metadata(args),
-        ),
-    ]
-
-    non_finite_guard = StopOnNonFiniteLoss()
-    callbacks.insert(0, non_finite_guard)
-
-    # Ctrl-C or SIGTERM ends training after the current step; the embedding reached so
-    # far is saved when training ends, as always.
-    signals_received = []
-
-    def stop_after_this_step(signal_number, frame):
-        if signals_received:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        signals_received.append(signal.Signals(signal_number).name)
-        print(f"\n{signals_received[0]}: stopping after this step to save the embedding.")
-        trainer.stop_training = True
-
-    previous_handlers = {
-        sig: signal.signal(sig, stop_after_this_step) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        # The dataset shuffles itself; `shuffle=False` only tells Keras so.
-        history = trainer.fit(
-            train_ds,
-            epochs=args.epochs,
-            initial_epoch=initial_step // steps_per_epoch,
-            callbacks=callbacks,
-            shuffle=False,
-        )
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    plot_loss(os.path.join(args.output_dir, "loss.csv"), os.path.join(args.output_dir, "loss.png"))
-
-    embedding_path = os.path.join(args.output_dir, EMBEDDING_FILE)
-    report_nearest_words(
-        stable_diffusion,
-        placeholder_token_ids,
-        os.path.join(args.output_dir, "learned_words.json"),
-    )
-    if non_finite_guard.failed_step:
-        raise UserError(
-            f"The loss became non-finite at step {non_finite_guard.failed_step}, so "
-            f"training stopped; the last good embedding (step {non_finite_guard.good_step}) "
-            f"is in {embedding_path}: lower --learning-rate and --resume from it."
-        )
-    if signals_received:
-        raise Interrupted(
-            f"Stopped by {signals_received[0]} at step "
-            f"{int(trainer.step.numpy())}; the embedding is saved in "
-            f"{embedding_path}: continue with --resume {embedding_path}."
-        )
-    return trainer, history
 
 
 """
@@ -1405,15 +766,243 @@ Now the really fun part: with the token's embedding learned, StableDiffusion dra
 like any other word. The tutorial's closing prompts:
 """
 
+FINAL_PROMPTS = [
+    "Gandalf as a {} fantasy art drawn by disney concept artists, golden colour, "
+    "high quality, highly detailed, elegant, sharp focus, concept art, character "
+    "concepts, digital painting, mystery, adventure",
+    "A masterpiece of a {} crying out to the heavens. Behind the {}, an dark, evil "
+    "shade looms over it - sucking the life right out of it.",
+    "An evil {}.",
+    "A mysterious {} approaches the great pyramids of egypt.",
+]
 
-def generate_final_images(stable_diffusion, args):
+
+def generate_final_images(
+    stable_diffusion, placeholder_token, output_dir, steps=SAMPLE_STEPS, seed=SEED
+):
     for prompt in FINAL_PROMPTS:
-        prompt = prompt.format(*[args.placeholder_text] * prompt.count("{}"))
-        images = stable_diffusion.text_to_image(
-            prompt, batch_size=3, num_steps=args.sample_steps, seed=args.seed
-        )
-        save_images(images, os.path.join(args.output_dir, "final", f"{slugify(prompt)}.png"))
+        prompt = prompt.format(*[placeholder_token] * prompt.count("{}"))
+        images = stable_diffusion.text_to_image(prompt, batch_size=3, num_steps=steps, seed=seed)
+        save_images(images, os.path.join(output_dir, "final", f"{slugify(prompt)}.png"))
         plot_images(images, title=prompt)
+
+
+"""
+---
+
+# Beyond the tutorial
+
+The tutorial ends here. Everything below goes further, and is reached through flags
+(`python textual_inversion.py --help`). Each capability has a section of its own and
+builds on the steps above without changing them. Without flags, the run is the
+tutorial's, and it also keeps what it learns: the embedding file, the loss log and a
+few pictures to look at.
+"""
+
+"""
+## Extras: your own concept
+
+`--images` takes URLs, files or folders of your own photos. Without them the tutorial's
+two image sets are used; with them, the tutorial's group photos are left out unless
+`--group-images` names some.
+"""
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def resolve_image_files(sources, download=True):
+    """Local files for `sources` (URLs, files, folders)."""
+    files = []
+    for source in sources:
+        if re.match(r"^(https?|ftp)://", source):
+            files.extend(download_images([source], download))
+        elif os.path.isdir(source):
+            found = sorted(
+                os.path.join(source, name)
+                for name in os.listdir(source)
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise UserError(
+                    f"The folder {source} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    "put your photos there or pass image files with --images."
+                )
+            files.extend(found)
+        elif os.path.isfile(source):
+            files.append(source)
+        else:
+            raise UserError(
+                f"The image {source} does not exist; check the path, or pass a URL "
+                "or a folder with --images."
+            )
+    return files
+
+
+"""
+**Captions.** The tutorial's lesson is that accurate prompts matter. An image `x.jpg`
+with a text file `x.txt` beside it trains with that caption, `{}` standing for the
+token ("a photo of {} asleep on a red sofa"), instead of the generic prompts. Each
+captioned image appears 5 times an epoch, like each generic prompt.
+"""
+
+
+def read_caption(image_path):
+    caption_path = os.path.splitext(image_path)[0] + ".txt"
+    if not os.path.isfile(caption_path):
+        return None
+    with open(caption_path, encoding="utf-8") as f:
+        caption = " ".join(f.read().split())
+    if "{}" not in caption:
+        raise UserError(
+            f"The caption in {caption_path} has no {{}}; put {{}} where the concept is, "
+            'as in "a photo of {} on a red sofa".'
+        )
+    return caption
+
+
+def assemble_captioned_dataset(files, captions, tokenizer, placeholder_token, resolution):
+    images = load_images(files, resolution).astype("float32")
+    token_ids = np.stack(
+        [encode_prompt(tokenizer, caption.replace("{}", placeholder_token)) for caption in captions]
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((images, token_ids))
+    dataset = dataset.shuffle(50, reshuffle_each_iteration=True)
+    for augmentation in augmentation_layers(resolution):
+        dataset = dataset.map(
+            lambda image, ids, augmentation=augmentation: (augmentation(image), ids)
+        )
+    return dataset.repeat(PROMPT_REPEATS)
+
+
+"""
+**Styles.** `--learnable-property style` teaches a style instead of an object, with
+prompts that say so. `--prompts` replaces the prompts altogether.
+"""
+
+STYLE_PROMPTS = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+
+
+def concept_prompts(args):
+    """The prompt templates for --images: --prompts, or the default for the property."""
+    if args.prompts:
+        return args.prompts
+    return STYLE_PROMPTS if args.learnable_property == "style" else SINGLE_PROMPTS
+
+
+def group_image_sources(args):
+    """--group-images, or the tutorial's group photos when --images is the tutorial's."""
+    if args.group_images is not None:
+        return args.group_images
+    tutorial = args.images == SINGLE_IMAGE_URLS and args.learnable_property == "object"
+    return GROUP_IMAGE_URLS if tutorial else []
+
+
+def training_datasets(args, tokenizer, placeholder):
+    """The text-image pair datasets of a run, ready for `assemble_train_dataset`:
+    uncaptioned images with the prompts, captioned ones with their captions, and the
+    group images with the group prompts."""
+    download = not args.random_weights
+    files = resolve_image_files(args.images, download)
+    captions = {path: read_caption(path) for path in files}
+    uncaptioned = [path for path in files if captions[path] is None]
+    captioned = [path for path in files if captions[path] is not None]
+    datasets = []
+    if uncaptioned:
+        prompts = concept_prompts(args)
+        datasets.append(
+            assemble_dataset(uncaptioned, prompts, tokenizer, placeholder, args.resolution)
+        )
+    if captioned:
+        captions = [captions[path] for path in captioned]
+        datasets.append(
+            assemble_captioned_dataset(captioned, captions, tokenizer, placeholder, args.resolution)
+        )
+    group_files = resolve_image_files(group_image_sources(args), download)
+    if group_files:
+        datasets.append(
+            assemble_dataset(group_files, GROUP_PROMPTS, tokenizer, placeholder, args.resolution)
+        )
+    return datasets
+
+
+"""
+**Several vectors.** `--num-vectors N` makes the concept N consecutive new tokens,
+`<my-funny-cat-token> <my-funny-cat-token-1> ...`, each with a vector of its own, as in
+diffusers and AUTOMATIC1111. Prompts name the placeholder once; it is written out as
+all N tokens before tokenizing. With N=1 (the default) this is the tutorial. A new
+token must be one lowercase word (the tokenizer lowercases prompts) that is not in the
+vocabulary yet.
+"""
+
+
+def placeholder_names(token, num_vectors):
+    extra = [
+        f"{token[:-1]}-{i}>" if token.endswith(">") else f"{token}-{i}"
+        for i in range(1, num_vectors)
+    ]
+    return [token] + extra
+
+
+def placeholder_text(token, num_vectors):
+    return " ".join(placeholder_names(token, num_vectors))
+
+
+def check_new_token(tokenizer, token):
+    if not token or any(c.isspace() for c in token):
+        raise UserError(
+            f'The placeholder token "{token}" is empty or has spaces; use one word '
+            "such as <my-concept>."
+        )
+    if token != token.lower():
+        raise UserError(
+            f"The placeholder token {token} has capital letters; use lowercase, "
+            f"such as {token.lower()}."
+        )
+    if token in tokenizer.encoder or len(tokenizer.encode(token)) == 3:
+        raise UserError(
+            f"The placeholder token {token} is already in the vocabulary; choose a "
+            "new one, such as <my-concept>."
+        )
+
+
+def add_new_tokens(tokenizer, token, num_vectors):
+    """Adds the token's names to the tokenizer; returns their ids, in name order."""
+    names = placeholder_names(token, num_vectors)
+    for name in names:
+        check_new_token(tokenizer, name)
+    # The tokenizer finds added tokens with a regex that tries them in the order they
+    # were added: the longer names go first, so that "<t>" never matches in "<t-1>".
+    tokenizer.add_tokens(names[::-1])
+    return [tokenizer.encoder[name] for name in names]
+
+
+def add_placeholder_tokens(tokenizer, token, initializer_token, num_vectors=1):
+    """`add_placeholder_token` for N vectors; returns (their ids, the initializer's)."""
+    initializer_id = initializer_token_id(tokenizer, initializer_token)
+    return add_new_tokens(tokenizer, token, num_vectors), initializer_id
+
+
+def rows_in_id_order(vectors, token_ids):
+    """`vectors` (in name order) reordered to the order of their token ids, the
+    order in which `extend_text_encoder` appends rows."""
+    return np.asarray(vectors)[np.argsort(token_ids)]
 
 
 """
@@ -1424,8 +1013,7 @@ every `--save-every` epochs and at the end, as `learned_embeds.safetensors`: a s
 tensor, `{placeholder_token: float32 [num_vectors, 768]}`. That is the layout diffusers'
 `load_textual_inversion`, AUTOMATIC1111 and ComfyUI read for Stable Diffusion 1.x
 models, which all share this CLIP ViT-L/14 text encoder. The file's metadata header
-records how it was made. `--resume` goes on training from such a file, and the
-`generate` command draws with one or more of them.
+records how it was made. `--resume` goes on training from such a file.
 """
 
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -1439,9 +1027,9 @@ class LearnedEmbedding(NamedTuple):
     metadata: dict
 
 
-def embedding_metadata(args):
+def embedding_metadata(args, placeholder_token):
     return {
-        "token": args.placeholder_token,
+        "token": placeholder_token,
         "initializer_token": args.initializer_token,
         "epochs": args.epochs,
         "resolution": args.resolution,
@@ -1524,122 +1112,230 @@ class SaveEmbedding(keras.callbacks.Callback):
 
 
 """
-### Generating with saved embeddings
-
-`python textual_inversion.py generate --embedding FILE --prompt "an oil painting of {}"`
-loads each embedding into a fresh StableDiffusion (its token added to the tokenizer,
-its vectors to the text encoder, as for training) and writes the images. `{}` in a
-prompt stands for the first embedding's token.
+A run never mixes into another: if the output folder already holds one, the script
+refuses to start, unless it is resuming the embedding of that very folder.
 """
 
 
-def parse_generate_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="textual_inversion.py generate",
-        description="Draw images with learned embeddings, without training.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def prepare_output_dir(output_dir, resume=None):
+    old_run_files = [
+        name
+        for name in (EMBEDDING_FILE, "loss.csv")
+        if os.path.exists(os.path.join(output_dir, name))
+    ]
+    resuming_here = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(
+        output_dir
     )
-    parser.add_argument("--embedding", nargs="+", required=True, metavar="FILE")
-    parser.add_argument("--prompt", nargs="+", required=True)
-    parser.add_argument("--batch-size", type=int, default=3)
-    return parse_drawing_args(parser, argv)
-
-
-def parse_drawing_args(parser, argv):
-    """Adds the flags `generate` and `evaluate` share, parses and checks them."""
-    parser.add_argument("--sample-steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
-    add_precision_flag(parser)
-    parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--output-dir", default="outputs")
-    args = parser.parse_args(argv)
-    check_resolution(args.resolution)
-    for flag in ("batch_size", "num_images", "sample_steps"):
-        value = getattr(args, flag, 1)
-        if value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} is {value}; it must be 1 or more.")
-    return args
-
-
-def add_embeddings(tokenizer, embeddings, paths):
-    """Adds each embedding's tokens to the tokenizer; returns the rows to append to
-    the text encoder, in token id order."""
-    vectors, token_ids = [], []
-    for embedding, path in zip(embeddings, paths):
-        if embedding.token in tokenizer.encoder:
-            raise UserError(
-                f"The token {embedding.token} of {path} is already in the vocabulary "
-                "(it is a word, or another --embedding has it); load one file per token."
-            )
-        token_ids += add_new_tokens(tokenizer, embedding.token, len(embedding.vectors))
-        vectors.append(embedding.vectors)
-    return rows_in_id_order(np.concatenate(vectors), token_ids)
-
-
-def prompts_with_tokens(prompt_templates, tokenizer, embeddings):
-    """The prompts, `{}` standing for the first embedding's token, each token written
-    out as all its vectors' names; each prompt must use a loaded token."""
-    tokens = [embedding.token for embedding in embeddings]
-    prompts = []
-    for prompt in prompt_templates:
-        prompt = prompt.replace("{}", tokens[0])
-        if not any(token in prompt for token in tokens):
-            raise UserError(
-                f'The prompt "{prompt}" uses none of the loaded tokens '
-                f"({', '.join(tokens)}); write one into it, or put {{}} where it goes."
-            )
-        for embedding in embeddings:
-            text = placeholder_text(embedding.token, len(embedding.vectors))
-            prompt = prompt.replace(embedding.token, text)
-        encode_prompt(tokenizer, prompt)  # checks its length
-        prompts.append(prompt)
-    return prompts
-
-
-def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
-    """A fresh StableDiffusion whose text encoder has `new_rows` for the tokens that
-    `add_embeddings` added to `tokenizer`."""
-    jit_compile = use_xla(args.xla)
-    stable_diffusion = build_stable_diffusion(
-        args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
-    )
-    stable_diffusion._text_encoder = extend_text_encoder(
-        stable_diffusion.text_encoder, new_rows, jit_compile
-    )
-    return stable_diffusion
-
-
-def generate(args):
-    tokenizer = build_tokenizer()
-    embeddings = [load_embedding(path) for path in args.embedding]
-    new_rows = add_embeddings(tokenizer, embeddings, args.embedding)
-    prompts = prompts_with_tokens(args.prompt, tokenizer, embeddings)
-    stable_diffusion = build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
-
-    written = []
-    for prompt in prompts:
-        images = stable_diffusion.text_to_image(
-            prompt, batch_size=args.batch_size, num_steps=args.sample_steps, seed=args.seed
+    if old_run_files and not resuming_here:
+        existing = os.path.join(output_dir, old_run_files[0])
+        raise UserError(
+            f"{output_dir} already holds a run ({existing}); continue it with --resume "
+            f"{os.path.join(output_dir, EMBEDDING_FILE)}, or choose a new --output-dir."
         )
-        for i, image in enumerate(images):
-            path = os.path.join(
-                args.output_dir, "generated", f"{slugify(prompt)}_seed{args.seed}_{i}.png"
-            )
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            plt.imsave(path, image)
-            written.append(path)
-        plot_images(images, title=prompt)
-    print(f"Wrote {len(written)} images to {os.path.join(args.output_dir, 'generated')}.")
-    return written
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(
+            f"Cannot write to the output folder {output_dir} ({error.strerror}); "
+            "choose another --output-dir."
+        ) from None
 
 
 """
-## Extras: seeing what was learned
+**How long a run is.** A run has `--epochs` epochs of steps, or `--max-train-steps`
+steps in all if that is fewer; a step is one batch. A resumed run goes on from the step
+its embedding reached, on the same learning-rate schedule, and stops at the same total.
+"""
 
-Did it learn the concept, and can it still be edited? Three views.
 
+def planned_steps(steps_per_epoch, epochs, max_train_steps=None, initial_step=0):
+    total_steps = steps_per_epoch * epochs
+    if max_train_steps:
+        total_steps = min(total_steps, max_train_steps)
+    if initial_step >= total_steps:
+        raise UserError(
+            f"The embedding to resume already has {initial_step} steps, the whole "
+            f"run ({total_steps}); raise --epochs or --max-train-steps to go on."
+        )
+    return total_steps
+
+
+def continue_from_step(trainer, step):
+    trainer.step.assign(step)
+    trainer.optimizer.iterations.assign(step)  # the learning rate's place in its schedule
+
+
+class StopAfterSteps(keras.callbacks.Callback):
+    def __init__(self, max_steps):
+        super().__init__()
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.step.numpy()) >= self.max_steps:
+            self.model.stop_training = True
+
+
+"""
+**Interruptions.** Ctrl-C or SIGTERM ends training after the current step, and the
+embedding reached so far is saved as at any end of training; a second Ctrl-C stops at
+once. A loss (or vector) that stops being finite ends training too, and the last good
+vector, not the broken one, is put back and saved.
+"""
+
+
+class Interrupted(UserError):
+    exit_code = 130  # the shell's code for a program ended by Ctrl-C
+
+
+@contextlib.contextmanager
+def stop_training_on_signals(trainer):
+    """Within it, SIGINT and SIGTERM stop `trainer` after its current step; yields
+    the list of the signals received."""
+    received = []
+
+    def stop_after_this_step(signal_number, frame):
+        if received:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        received.append(signal.Signals(signal_number).name)
+        print(f"\n{received[0]}: stopping after this step to save the embedding.")
+        trainer.stop_training = True
+
+    previous_handlers = {
+        sig: signal.signal(sig, stop_after_this_step) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield received
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.failed_step = None
+        self.remember_good_state()
+
+    def remember_good_state(self):
+        self.good_vector = self.model.learned_embedding.numpy()
+        self.good_step = int(self.model.step.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        vector = self.model.learned_embedding.numpy()
+        if math.isfinite(float(logs["step_loss"])) and np.isfinite(vector).all():
+            self.remember_good_state()
+            return
+        self.failed_step = int(self.model.step.numpy())
+        with self.model.distribute_strategy.scope():
+            self.model.learned_embedding.assign(self.good_vector)
+            self.model.write_learned_embedding()
+            self.model.step.assign(self.good_step)
+        self.model.stop_training = True
+
+
+"""
+## Extras: watching training
+
+Four views of a run: a progress bar that counts the steps the run will take, the loss
+of every step, a montage of the sample images, and the words nearest to the learned
+vector.
+
+**The progress bar** counts to the steps an epoch will really take, also when
+`--max-train-steps` or a resume ends it early (Keras's own bar would count to the
+epoch's full length).
+"""
+
+
+class StepProgressBar(keras.callbacks.Callback):
+    def __init__(self, steps_per_epoch, total_steps):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+
+    def on_train_begin(self, logs=None):
+        remaining = self.total_steps - int(self.model.step.numpy())
+        self.epochs_to_run = math.ceil(remaining / self.steps_per_epoch)
+        self.epochs_begun = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs_begun += 1
+        remaining = self.total_steps - int(self.model.step.numpy())
+        self.steps_this_epoch = min(self.steps_per_epoch, remaining)
+        print(f"Epoch {epoch + 1} ({self.epochs_begun} of {self.epochs_to_run} in this run)")
+        self.bar = keras.utils.Progbar(self.steps_this_epoch, stateful_metrics=["loss"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(min(batch + 1, self.steps_this_epoch), [("loss", float(logs["loss"]))])
+
+
+"""
+**The loss** of every step goes to `loss.csv` (step, epoch, loss, seconds) and, at the
+end, to `loss.png`. A real run's loss is noisy from step to step, as each step draws a
+new timestep and noise; the plot adds a running mean.
+"""
+
+
+class LossLogger(keras.callbacks.Callback):
+    """Appends (step, epoch, loss, seconds) to a CSV file after every training step,
+    and prints the typical time of a step at the end."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.epoch = 0
+        self.step_seconds = []
+
+    def on_train_begin(self, logs=None):
+        if not os.path.exists(self.path):
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "epoch", "loss", "seconds"])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.step_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        seconds = time.perf_counter() - self.step_start
+        self.step_seconds.append(seconds)
+        step = int(self.model.step.numpy())
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([step, self.epoch, float(logs["step_loss"]), round(seconds, 4)])
+
+    def on_train_end(self, logs=None):
+        if len(self.step_seconds) > 1:
+            # The first step also traces (and compiles) the train step: leave it out.
+            print(
+                f"Trained {len(self.step_seconds)} steps: "
+                f"{1000 * np.median(self.step_seconds[1:]):.0f} ms/step (median; the "
+                f"first step, which traces the model, took {self.step_seconds[0]:.1f} s)."
+            )
+
+
+def plot_loss(csv_path, png_path):
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    steps = np.array([int(row["step"]) for row in rows])
+    losses = np.array([float(row["loss"]) for row in rows])
+    plt.figure(figsize=(8, 4))
+    plt.plot(steps, losses, alpha=0.4, label="loss per step")
+    window = min(50, len(losses) // 3)
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        plt.plot(steps[window - 1 :], smooth, label=f"mean of {window} steps")
+    plt.xlabel("step")
+    plt.ylabel("denoising loss (MSE)")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(png_path)
+    plt.close()
+
+
+"""
 **A progress montage.** Each sampling epoch rebuilds `samples/progress.png` from the
 sample files: a row per sample prompt, a column per sampling epoch (the first image of
 each batch), so the concept can be seen emerging at a glance.
@@ -1759,175 +1455,26 @@ def report_nearest_words(stable_diffusion, token_ids, path=None):
 
 
 """
-**The paper's two scores.** `python textual_inversion.py evaluate --embedding FILE
---images PATHS...` generates `--num-images` images for each evaluation prompt and
-measures them with CLIP ViT-B/32, as the textual-inversion paper (Gal et al., 2022) did:
+## Extras: speed
 
-- *image similarity*: the mean cosine similarity between the CLIP embeddings of the
-  generated images and of the training images (does it look like the concept?);
-- *text similarity* (editability): the mean cosine similarity between each generated
-  image and its prompt with the placeholder left out (does it follow the rest of the
-  prompt?).
+`--precision` sets Keras's dtype policy for every model. `mixed_float16` (with Keras's
+loss scaling, which `scaled_loss` in the trainer applies) is the usual choice on a GPU;
+`mixed_bfloat16` computes the float32 loss within 1% (tested), but on a CPU without
+bfloat16 arithmetic it is slower than float32. The learned vector and the loss stay in
+float32 under both.
 
-CLIP comes from KerasHub, whose weights download like keras-cv's; with
-`--random-weights` the same CLIP classes are built with random weights. Prompts are
-tokenized with the Stable Diffusion tokenizer: both models use the same CLIP BPE.
+`--xla` compiles the models with XLA. `auto` turns it on with a GPU only: on a CPU it
+made training slower in our measurements, and Keras itself leaves it off under
+`tf.distribute`. `benchmarks/train_step.py` times a step.
 """
 
-EVALUATION_PROMPTS = [
-    "a photo of a {}",  # the concept alone
-    "a photo of a {} on the beach",  # in a scene
-    "an oil painting of a {}",  # in a style
-]
-CLIP_PRESET = "clip_vit_base_patch32"
-CLIP_IMAGE_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PRECISIONS = ["float32", "mixed_float16", "mixed_bfloat16"]
 
 
-def parse_evaluate_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="textual_inversion.py evaluate",
-        description="Score a learned embedding with CLIP, as the textual-inversion paper.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--embedding", nargs=1, required=True, metavar="FILE")
-    parser.add_argument("--images", nargs="+", required=True, help="The training images.")
-    parser.add_argument("--prompt", nargs="+", default=EVALUATION_PROMPTS)
-    parser.add_argument("--num-images", type=int, default=8, help="Images per prompt.")
-    return parse_drawing_args(parser, argv)
-
-
-def build_clip(random_weights):
-    """CLIP ViT-B/32 (KerasHub): the backbone and its image preprocessing."""
-    try:
-        import keras_hub
-    except ImportError:
-        raise UserError(
-            "The evaluate command needs KerasHub for CLIP; install it with "
-            "pip install keras-hub==0.32.0 (see requirements.txt)."
-        ) from None
-
-    if not random_weights:
-        try:
-            backbone = keras_hub.models.CLIPBackbone.from_preset(CLIP_PRESET)
-            converter = keras_hub.layers.CLIPImageConverter.from_preset(CLIP_PRESET)
-            return backbone, converter
-        except OSError as error:
-            raise UserError(
-                f"Could not download the CLIP weights ({CLIP_PRESET}: {error}); connect "
-                "to the internet, or use --random-weights for a smoke run."
-            ) from None
-    # The architecture of the preset, with random weights.
-    vision = keras_hub.models.CLIPVisionEncoder(
-        patch_size=32, hidden_dim=768, num_layers=12, num_heads=12, intermediate_dim=3072,
-        intermediate_activation="quick_gelu",
-        image_shape=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE, 3),
-    )
-    text = keras_hub.models.CLIPTextEncoder(
-        vocabulary_size=49408, embedding_dim=512, hidden_dim=512, num_layers=12,
-        num_heads=8, intermediate_dim=2048, intermediate_activation="quick_gelu",
-        max_sequence_length=MAX_PROMPT_LENGTH,
-    )
-    backbone = keras_hub.models.CLIPBackbone(vision, text, projection_dim=512)
-    converter = keras_hub.layers.CLIPImageConverter(
-        image_size=(CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE),
-        scale=[1 / 255 / std for std in CLIP_STD],
-        offset=[-mean / std for mean, std in zip(CLIP_MEAN, CLIP_STD)],
-        interpolation="bicubic",
-    )
-    return backbone, converter
-
-
-def unit_vectors(x):
-    x = np.asarray(x, dtype="float64")
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def clip_image_embeddings(clip, images):
-    """Unit CLIP embeddings of uint8 (or 0..255 float) RGB images of one size."""
-    backbone, converter = clip
-    pixels = converter(np.asarray(images, dtype="float32"))
-    return unit_vectors(backbone.get_vision_embeddings(pixels))
-
-
-def clip_text_embeddings(clip, tokenizer, texts):
-    backbone, _ = clip
-    token_ids = np.stack([encode_prompt(tokenizer, text) for text in texts])
-    return unit_vectors(backbone.get_text_embeddings(token_ids))
-
-
-def clip_scores(generated, training, prompt_embedding):
-    """The paper's image and text similarity of one prompt's generated images."""
-    return {
-        "image_similarity": float(np.mean(generated @ training.T)),
-        "text_similarity": float(np.mean(generated @ prompt_embedding)),
-    }
-
-
-def without_token(prompt, token, num_vectors=1):
-    for name in placeholder_names(token, num_vectors):
-        prompt = prompt.replace(name, " ")
-    return " ".join(prompt.split())
-
-
-def evaluate(args):
-    tokenizer = build_tokenizer()
-    embedding = load_embedding(args.embedding[0])
-    new_rows = add_embeddings(tokenizer, [embedding], args.embedding)
-    prompts = prompts_with_tokens(args.prompt, tokenizer, [embedding])
-    # CLIP's preprocessing: a square center crop at 224 px, pixel values 0..255.
-    training_images = (load_images(resolve_image_files(args.images), CLIP_IMAGE_SIZE) + 1) * 127.5
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    stable_diffusion = build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
-    generated = {}
-    for prompt in prompts:
-        images = stable_diffusion.text_to_image(
-            prompt, batch_size=args.num_images, num_steps=args.sample_steps, seed=args.seed
-        )
-        save_images(images, os.path.join(args.output_dir, "eval", f"{slugify(prompt)}.png"))
-        generated[prompt] = images
-
-    clip = build_clip(args.random_weights)
-    training = clip_image_embeddings(clip, training_images)
-    per_prompt = []
-    for prompt, images in generated.items():
-        text_prompt = without_token(prompt, embedding.token, len(embedding.vectors))
-        scores = clip_scores(
-            clip_image_embeddings(clip, images),
-            training,
-            clip_text_embeddings(clip, tokenizer, [text_prompt])[0],
-        )
-        per_prompt.append(dict(prompt=prompt, text_prompt=text_prompt, **scores))
-
-    placeholder_token_ids = [
-        tokenizer.encoder[name]
-        for name in placeholder_names(embedding.token, len(embedding.vectors))
-    ]
-    result = {
-        "embedding": args.embedding[0],
-        "token": embedding.token,
-        "image_similarity": float(np.mean([p["image_similarity"] for p in per_prompt])),
-        "text_similarity": float(np.mean([p["text_similarity"] for p in per_prompt])),
-        "per_prompt": per_prompt,
-        "clip_model": CLIP_PRESET + (" (random weights)" if args.random_weights else ""),
-        "stable_diffusion": BASE_MODEL + (" (random weights)" if args.random_weights else ""),
-        "num_images": args.num_images,
-        "sample_steps": args.sample_steps,
-        "seed": args.seed,
-        "resolution": args.resolution,
-        "nearest_words": report_nearest_words(stable_diffusion, placeholder_token_ids),
-    }
-    print(f"{'prompt':<50} {'image sim':>9} {'text sim':>9}")
-    for p in per_prompt:
-        print(f"{p['prompt'][:50]:<50} {p['image_similarity']:>9.3f} {p['text_similarity']:>9.3f}")
-    print(f"{'mean':<50} {result['image_similarity']:>9.3f} {result['text_similarity']:>9.3f}")
-    path = os.path.join(args.output_dir, "eval.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"Wrote {path}.")
-    return result
+def use_xla(xla_flag, distribute=False):
+    if xla_flag == "auto":
+        return bool(tf.config.list_physical_devices("GPU")) and not distribute
+    return xla_flag == "on"
 
 
 """
@@ -1936,38 +1483,80 @@ def evaluate(args):
 `--distribute` trains data-parallel with `tf.distribute.MirroredStrategy`: every GPU
 holds a copy of the models, each step's batch (`--batch-size`, the global batch) is
 split evenly among them, and the optimizer sums their gradients before it updates the
-learned vector on all of them at once. The trainer above is already written for it:
-each replica's loss counts `1 / replicas`, each example draws its own noise whatever
-replica it lands on, and the learned vector is written into every copy of the
-embedding matrix. So 2 devices with 1 image each take the same step as 1 device with
-a batch of 2 (tested on two logical CPU devices). One difference remains: under a
-strategy Keras reads a batch ahead to build the model, which moves the data pipeline's
-random state (shuffles, crops, flips) on, so a distributed run does not repeat exactly
-with the same `--seed`.
+learned vector on all of them at once. `DistributedFineTuner` is the tutorial's trainer
+with three things changed:
+
+- each replica's loss counts `1 / replicas`, so that the summed gradient is the mean
+  over the global batch (Keras's convention for `tf.distribute`);
+- every replica draws the step's random numbers (latent sample, noise, timesteps) for
+  the whole global batch, from the same seed, and keeps the rows of its own examples:
+  each example gets its own noise, exactly as on one device;
+- the learned vector is written into every device's copy of the token matrix through
+  the strategy (a `merge_call`), so that the copies stay equal.
+
+So 2 devices with 1 image each take the same step as 1 device with a batch of 2 (tested
+on two logical CPU devices). Two differences remain. Keras clips gradients
+(`global_clipnorm=10`) per replica, before summing them; the two agree whenever the
+gradient norm is under 10. And under a strategy Keras reads a batch ahead to build the
+model, which moves the data pipeline's random state (shuffles, crops, flips) on, so a
+distributed run does not repeat exactly with the same `--seed`.
 
 Without GPUs the strategy spreads over the CPU's logical devices: just one unless the
-program splits the CPU first with `tf.config.set_logical_device_configuration`, as
-the test does.
+program splits the CPU first with `tf.config.set_logical_device_configuration`, as the
+test does.
 """
 
 
-def distribution_strategy(args):
-    """The strategy the models are built and trained under: MirroredStrategy over the
-    GPUs (or logical CPUs) with --distribute, else TensorFlow's default strategy, whose
-    `scope()` changes nothing."""
-    if not args.distribute:
+class DistributedFineTuner(StableDiffusionFineTuner):
+    def rows_of_this_replica(self, draw, shape):
+        """Draws `shape`'s values for the whole global batch; returns this replica's."""
+        replica = tf.distribute.get_replica_context()
+        batch_size = shape[0]
+        global_shape = (batch_size * replica.num_replicas_in_sync, *shape[1:])
+        start = replica.replica_id_in_sync_group * batch_size
+        return draw(global_shape)[start : start + batch_size]
+
+    def standard_normal(self, shape):
+        return self.rows_of_this_replica(super().standard_normal, shape)
+
+    def random_timesteps(self, shape):
+        return self.rows_of_this_replica(super().random_timesteps, shape)
+
+    def scaled_loss(self, loss):
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        return super().scaled_loss(loss / replicas)
+
+    def write_learned_embedding(self):
+        def write_rows(matrix, vectors):
+            matrix.scatter_nd_update(self.placeholder_token_ids[:, None], vectors)
+
+        def write_on_every_device(strategy, vectors):
+            matrix = self.token_embedding.embeddings.value
+            strategy.extended.update(matrix, write_rows, args=(vectors,), group=False)
+
+        vectors = self.learned_embedding.value
+        if tf.distribute.in_cross_replica_context():  # e.g. from a callback
+            write_on_every_device(tf.distribute.get_strategy(), vectors)
+        else:
+            tf.distribute.get_replica_context().merge_call(write_on_every_device, args=(vectors,))
+
+
+def distribution_strategy(distribute, batch_size):
+    """MirroredStrategy over the GPUs (or logical CPUs) with --distribute, else
+    TensorFlow's default strategy, whose `scope()` changes nothing."""
+    if not distribute:
         return tf.distribute.get_strategy()
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    if args.batch_size % len(devices):
+    if batch_size % len(devices):
         raise UserError(
-            f"--batch-size {args.batch_size} does not split evenly over the "
+            f"--batch-size {batch_size} does not split evenly over the "
             f"{len(devices)} devices of --distribute; use a multiple of {len(devices)}."
         )
     strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
     print(
         f"Training on {strategy.num_replicas_in_sync} replicas "
         f"({', '.join(device.name for device in devices)}), "
-        f"each with {args.batch_size // strategy.num_replicas_in_sync} of the {args.batch_size} "
+        f"each with {batch_size // strategy.num_replicas_in_sync} of the {batch_size} "
         "images of a step."
     )
     return strategy
@@ -1978,55 +1567,467 @@ def sample_on_one_device(stable_diffusion):
     would hand every replica the whole batch and return all their answers, one batch
     per replica. Drawing is not what we spread over devices: with this, the models
     predict as plain models do, with the first device's copy of the weights."""
-    for model in (
-        stable_diffusion.text_encoder,
-        stable_diffusion.image_encoder,
-        stable_diffusion.diffusion_model,
-        stable_diffusion.decoder,
-    ):
+    for model in sd_parts(stable_diffusion):
         # Keras's record of the strategy the model was built in (checked on Keras 3.15).
         model._distribute_strategy = None
 
 
 """
-## Running it all
+## Extras: drawing with saved embeddings
 
-`main()` runs the tutorial's steps in order. The cheap ones come first, so that a bad
-token or a missing image is reported before the models are built.
+`tools/generate.py` and `tools/evaluate.py` load embeddings into a fresh
+StableDiffusion: each token is added to the tokenizer and its vectors to the text
+encoder, as for training. `{}` in a prompt stands for the first embedding's token.
+"""
+
+
+def add_embeddings(tokenizer, embeddings, paths):
+    """Adds each embedding's tokens to the tokenizer; returns the rows to append to
+    the text encoder, in token id order."""
+    vectors, token_ids = [], []
+    for embedding, path in zip(embeddings, paths):
+        if embedding.token in tokenizer.encoder:
+            raise UserError(
+                f"The token {embedding.token} of {path} is already in the vocabulary "
+                "(it is a word, or another --embedding has it); load one file per token."
+            )
+        token_ids += add_new_tokens(tokenizer, embedding.token, len(embedding.vectors))
+        vectors.append(embedding.vectors)
+    return rows_in_id_order(np.concatenate(vectors), token_ids)
+
+
+def prompts_with_tokens(prompt_templates, tokenizer, embeddings):
+    """The prompts, `{}` standing for the first embedding's token, each token written
+    out as all its vectors' names; each prompt must use a loaded token."""
+    tokens = [embedding.token for embedding in embeddings]
+    prompts = []
+    for prompt in prompt_templates:
+        prompt = prompt.replace("{}", tokens[0])
+        if not any(token in prompt for token in tokens):
+            raise UserError(
+                f'The prompt "{prompt}" uses none of the loaded tokens '
+                f"({', '.join(tokens)}); write one into it, or put {{}} where it goes."
+            )
+        for embedding in embeddings:
+            text = placeholder_text(embedding.token, len(embedding.vectors))
+            prompt = prompt.replace(embedding.token, text)
+        encode_prompt(tokenizer, prompt)  # checks its length
+        prompts.append(prompt)
+    return prompts
+
+
+def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
+    """A fresh StableDiffusion whose text encoder has `new_rows` for the tokens that
+    `add_embeddings` added to `tokenizer`."""
+    jit_compile = use_xla(args.xla)
+    stable_diffusion = build_stable_diffusion(
+        args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
+    )
+    stable_diffusion._text_encoder = extend_text_encoder(
+        stable_diffusion.text_encoder, new_rows, jit_compile
+    )
+    return stable_diffusion
+
+
+"""
+## The command line
+
+Every flag, with its default: the tutorial's value wherever the tutorial has one.
+"""
+
+TOOLS_EPILOG = """\
+separate jobs, from a saved embedding:
+  python tools/generate.py --embedding FILE --prompt "an oil painting of {}"
+      draw images with one or more learned embeddings (see its --help)
+  python tools/evaluate.py --embedding FILE --images PATHS...
+      score an embedding with CLIP, as the textual-inversion paper did (see its --help)
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Teach StableDiffusion a new concept via textual inversion "
+        "(the keras.io tutorial, runnable today).",
+        epilog=TOOLS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    concept = parser.add_argument_group("the concept")
+    concept.add_argument(
+        "--images",
+        nargs="+",
+        default=SINGLE_IMAGE_URLS,
+        metavar="IMAGE",
+        help="Images of the concept: URLs, files or folders (default: the tutorial's 5 "
+        "photos of a cat doll).",
+    )
+    concept.add_argument(
+        "--group-images",
+        nargs="*",
+        default=None,
+        metavar="IMAGE",
+        help="Images of a group of the concept, trained with the group prompts; the flag "
+        "alone uses none (default: the tutorial's 3 group photos when --images is the "
+        "tutorial's, else none).",
+    )
+    concept.add_argument(
+        "--prompts",
+        nargs="+",
+        default=None,
+        metavar="TEMPLATE",
+        help="Prompt templates for --images, {} standing for the token; an image x.jpg "
+        "with a caption file x.txt beside it trains with that caption instead (default: "
+        "the tutorial's 25 object prompts, or 16 style prompts with --learnable-property "
+        "style).",
+    )
+    concept.add_argument(
+        "--learnable-property",
+        choices=["object", "style"],
+        default="object",
+        help="Teach an object or a style; sets the default prompts (default: %(default)s).",
+    )
+    concept.add_argument(
+        "--placeholder-token",
+        default=PLACEHOLDER_TOKEN,
+        help="The new token, one lowercase word that is not in the vocabulary "
+        "(default: %(default)s).",
+    )
+    concept.add_argument(
+        "--initializer-token",
+        default=INITIALIZER_TOKEN,
+        help="A one-token word whose embedding the new token starts from "
+        "(default: %(default)s).",
+    )
+    concept.add_argument(
+        "--num-vectors",
+        type=int,
+        default=1,
+        help="Learn the concept as this many consecutive new tokens, each its own "
+        "vector, all starting from the initializer word (default: %(default)s, the "
+        "tutorial's).",
+    )
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--epochs",
+        type=int,
+        default=EPOCHS,
+        help="Epochs to train; an epoch is every prompt 5 times, 250 steps with the "
+        "tutorial's images (default: %(default)s).",
+    )
+    training.add_argument(
+        "--max-train-steps",
+        type=int,
+        default=None,
+        help="Stop after this many training steps (batches) in all, if that is fewer "
+        "than --epochs makes (default: no limit).",
+    )
+    training.add_argument(
+        "--learning-rate",
+        type=float,
+        default=LEARNING_RATE,
+        help="Where the cosine decay of the learning rate starts (default: %(default)s).",
+    )
+    training.add_argument(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        help="Images per step; with --distribute, over all devices (default: %(default)s).",
+    )
+    training.add_argument(
+        "--resolution",
+        type=int,
+        default=RESOLUTION,
+        help="Image size in pixels, a multiple of 128 (default: %(default)s).",
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="Seed of the data order, the noise and the sample images; the same seed "
+        "gives the same run (default: %(default)s).",
+    )
+    output = parser.add_argument_group("what a run writes")
+    output.add_argument(
+        "--output-dir",
+        default=OUTPUT_DIR,
+        help="Folder for the embedding, samples, loss log and final images "
+        "(default: %(default)s).",
+    )
+    output.add_argument(
+        "--sample-every",
+        type=int,
+        default=SAMPLE_EVERY,
+        help="Draw the sample prompts every this many epochs; 0: never " "(default: %(default)s).",
+    )
+    output.add_argument(
+        "--sample-steps",
+        type=int,
+        default=SAMPLE_STEPS,
+        help="Diffusion steps per sample and final image (default: %(default)s).",
+    )
+    output.add_argument(
+        "--save-every",
+        type=int,
+        default=1,
+        help=f"Save the learned embedding ({EMBEDDING_FILE}) every this many epochs, "
+        "and always at the end; 0: only at the end (default: %(default)s).",
+    )
+    output.add_argument(
+        "--resume",
+        metavar="EMBEDDING_FILE",
+        help="Go on from a saved embedding and the step it reached, instead of starting "
+        "from the initializer word (default: start afresh).",
+    )
+    machine = parser.add_argument_group("machine")
+    add_machine_flags(machine)
+    machine.add_argument(
+        "--distribute",
+        action="store_true",
+        help="Train data-parallel on all GPUs with MirroredStrategy; --batch-size is "
+        "split evenly among them (default: off).",
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] in (["generate"], ["evaluate"]):
+        raise UserError(
+            f"{argv[0]} is a script of its own now; run python tools/{argv[0]}.py "
+            f"{' '.join(argv[1:])}"
+        )
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def add_machine_flags(parser):
+    """Flags that say how to run the models, shared with the tools."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="Keras dtype policy of the models; mixed_float16 (with loss scaling) is the "
+        "usual choice on a GPU (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--xla",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Compile the models with XLA; auto: on a GPU, and not with --distribute "
+        "(default: %(default)s).",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="Build the KerasCV models with random weights and download nothing (image "
+        "URLs not in the Keras cache become synthetic stand-ins): for smoke runs and "
+        "tests; the images are noise (default: off).",
+    )
+
+
+def add_drawing_flags(parser, images_flag, images_default):
+    """Adds the flags that the drawing tools share; `images_flag` is their name for
+    the number of images per prompt."""
+    parser.add_argument(
+        images_flag,
+        type=int,
+        default=images_default,
+        help="Images per prompt (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=SAMPLE_STEPS,
+        help="Diffusion steps per image (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="Seed of the images (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=RESOLUTION,
+        help="Image size in pixels, a multiple of 128 (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=OUTPUT_DIR,
+        help="Folder the images and reports go into (default: %(default)s).",
+    )
+    add_machine_flags(parser)
+
+
+def check_drawing_args(args):
+    check_resolution(args.resolution)
+    check_at_least_one(
+        args, *[n for n in ("batch_size", "num_images", "sample_steps") if n in args]
+    )
+    return args
+
+
+def check_resolution(resolution):
+    if resolution < 128 or resolution % 128:
+        raise UserError(
+            f"--resolution {resolution} is not a multiple of 128, which the UNet "
+            "needs; use 512 (the tutorial's), 384, 256 or 128."
+        )
+
+
+def check_at_least_one(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} is {value}; it must be 1 or more.")
+
+
+def check_args(args):
+    """Settings the models cannot take, reported before anything is built."""
+    check_resolution(args.resolution)
+    check_at_least_one(
+        args, "batch_size", "epochs", "num_vectors", "max_train_steps", "sample_steps"
+    )
+    for flag, value in [("--sample-every", args.sample_every), ("--save-every", args.save_every)]:
+        if value < 0:
+            raise UserError(f"{flag} is {value}; it must be 0 (never) or more.")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning-rate is {args.learning_rate}; it must be above 0.")
+    for template in args.prompts or []:
+        if "{}" not in template:
+            raise UserError(
+                f'The prompt template "{template}" has no {{}}; put {{}} where the '
+                'token goes, as in "a photo of my {}".'
+            )
+
+
+"""
+`run_training` is the tutorial's "Training the new embedding" with the extras the
+flags ask for: the before-training sample, the trainer (on several devices with
+--distribute), the callbacks, and what is kept however training ends.
+"""
+
+
+def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts, total_steps):
+    callbacks = []
+    if args.sample_every:
+        options = dict(steps=args.sample_steps, seed=args.seed)
+        callbacks += [
+            GenerateImages(stable_diffusion, prompt, args.output_dir, args.sample_every, **options)
+            for prompt in sample_prompts
+        ]
+        samples_dir = os.path.join(args.output_dir, "samples")
+        callbacks.append(ProgressMontage(samples_dir, sample_prompts, args.sample_every))
+    callbacks += [
+        LossLogger(os.path.join(args.output_dir, "loss.csv")),
+        StopAfterSteps(total_steps),
+        SaveEmbedding(
+            os.path.join(args.output_dir, EMBEDDING_FILE),
+            placeholder_token,
+            every=args.save_every,
+            metadata=embedding_metadata(args, placeholder_token),
+        ),
+    ]
+    return callbacks
+
+
+def run_training(
+    stable_diffusion,
+    train_ds,
+    placeholder_token_ids,
+    args,
+    placeholder_token,
+    num_vectors=1,
+    initial_step=0,
+    strategy=None,
+):
+    placeholder = placeholder_text(placeholder_token, num_vectors)
+    sample_prompts = [prompt.format(placeholder) for prompt in SAMPLE_PROMPTS]
+    steps_per_epoch = int(train_ds.cardinality())
+    total_steps = planned_steps(steps_per_epoch, args.epochs, args.max_train_steps, initial_step)
+    if args.sample_every and not initial_step:
+        draw_samples(
+            stable_diffusion, sample_prompts[0], 0, args.output_dir, args.sample_steps, args.seed
+        )
+
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=args.learning_rate, decay_steps=steps_per_epoch * args.epochs
+    )
+    with (strategy or tf.distribute.get_strategy()).scope():
+        trainer = build_trainer(
+            stable_diffusion,
+            placeholder_token_ids,
+            learning_rate,
+            seed=args.seed,
+            jit_compile=use_xla(args.xla, args.distribute),
+            trainer_class=DistributedFineTuner if args.distribute else StableDiffusionFineTuner,
+        )
+    continue_from_step(trainer, initial_step)
+
+    non_finite_guard = StopOnNonFiniteLoss()
+    callbacks = [non_finite_guard, StepProgressBar(steps_per_epoch, total_steps)]
+    callbacks += training_callbacks(
+        stable_diffusion, args, placeholder_token, sample_prompts, total_steps
+    )
+    with stop_training_on_signals(trainer) as signals_received:
+        train(
+            trainer,
+            train_ds,
+            args.epochs,
+            callbacks,
+            initial_epoch=initial_step // steps_per_epoch,
+            verbose=0,  # StepProgressBar shows the progress
+        )
+
+    output = args.output_dir
+    plot_loss(os.path.join(output, "loss.csv"), os.path.join(output, "loss.png"))
+    words_path = os.path.join(output, "learned_words.json")
+    report_nearest_words(stable_diffusion, placeholder_token_ids, words_path)
+    embedding_path = os.path.join(output, EMBEDDING_FILE)
+    if non_finite_guard.failed_step:
+        raise UserError(
+            f"The loss became non-finite at step {non_finite_guard.failed_step}, so "
+            f"training stopped; the last good embedding (step {non_finite_guard.good_step}) "
+            f"is in {embedding_path}: lower --learning-rate and --resume from it."
+        )
+    if signals_received:
+        raise Interrupted(
+            f"Stopped by {signals_received[0]} at step {int(trainer.step.numpy())}; the "
+            f"embedding is saved in {embedding_path}: continue with --resume {embedding_path}."
+        )
+    return trainer
+
+
+"""
+`main()` runs the steps in the order of the tutorial. The cheap ones come first, so
+that a bad token or a missing image is reported before the models are built.
 """
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["generate"]:
-        return generate(parse_generate_args(argv[1:]))
-    if argv[:1] == ["evaluate"]:
-        return evaluate(parse_evaluate_args(argv[1:]))
     args = parse_args(argv)
-    prepare_output_dir(args)
+    prepare_output_dir(args.output_dir, args.resume)
     # The same --seed gives the same run. KerasCV's augmentation layers draw from
     # TensorFlow's global generator, which `set_random_seed` leaves alone.
     keras.utils.set_random_seed(args.seed)
     tf.random.set_global_generator(tf.random.Generator.from_seed(args.seed))
 
     resumed = load_embedding(args.resume) if args.resume else None
-    if resumed:
-        if resumed.token != args.placeholder_token:
-            print(f"Resuming the embedding of {resumed.token} from {args.resume}.")
-        args.placeholder_token = resumed.token
-        args.num_vectors = len(resumed.vectors)
-        args.placeholder_text = placeholder_text(args.placeholder_token, args.num_vectors)
-    initial_step = int(resumed.metadata.get("step", 0)) if resumed else 0
+    placeholder_token = resumed.token if resumed else args.placeholder_token
+    num_vectors = len(resumed.vectors) if resumed else args.num_vectors
+    if resumed and resumed.token != args.placeholder_token:
+        print(f"Resuming the embedding of {resumed.token} from {args.resume}.")
+    placeholder = placeholder_text(placeholder_token, num_vectors)
 
     tokenizer = build_tokenizer()
-    placeholder_token_ids, initializer_token_id = add_placeholder_token(
-        tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors
+    placeholder_token_ids, initializer_id = add_placeholder_tokens(
+        tokenizer, placeholder_token, args.initializer_token, num_vectors
     )
-    train_ds = assemble_train_dataset(args, tokenizer)
+    datasets = training_datasets(args, tokenizer, placeholder)
+    train_ds = assemble_train_dataset(datasets, args.batch_size)
 
     jit_compile = use_xla(args.xla, args.distribute)
-    # With --distribute the models are built on every device (see the extras).
-    strategy = distribution_strategy(args)
+    # With --distribute the models are built on every device.
+    strategy = distribution_strategy(args.distribute, args.batch_size)
     with strategy.scope():
         stable_diffusion = build_stable_diffusion(
             args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
@@ -2034,21 +2035,38 @@ def main(argv=None):
         if resumed:
             new_rows = rows_in_id_order(resumed.vectors, placeholder_token_ids)
         else:
-            new_rows = token_rows(
-                stable_diffusion.text_encoder, [initializer_token_id] * args.num_vectors
-            )
+            initializer_rows = [initializer_id] * num_vectors
+            new_rows = token_rows(stable_diffusion.text_encoder, initializer_rows)
         stable_diffusion._text_encoder = extend_text_encoder(
             stable_diffusion.text_encoder, new_rows, jit_compile
         )
     sample_on_one_device(stable_diffusion)
     freeze_models(stable_diffusion)
-    train(stable_diffusion, train_ds, placeholder_token_ids, args, initial_step, strategy)
-    generate_final_images(stable_diffusion, args)
+
+    initial_step = int(resumed.metadata.get("step", 0)) if resumed else 0
+    run_training(
+        stable_diffusion,
+        train_ds,
+        placeholder_token_ids,
+        args,
+        placeholder_token,
+        num_vectors,
+        initial_step,
+        strategy,
+    )
+    generate_final_images(
+        stable_diffusion, placeholder, args.output_dir, args.sample_steps, args.seed
+    )
 
 
-if __name__ == "__main__":
+def run_command(main_function):
+    """Runs a script's main(); a mistake the user can fix ends in one sentence."""
     try:
-        main()
+        main_function()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -54,6 +54,17 @@ def run_script(*arguments, timeout=900):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
+def import_tool(name):
+    """A script of tools/ as a module, as `import textual_inversion` is."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_random_embedding(path, token, seed):
     vectors = np.random.default_rng(seed).normal(scale=0.02, size=(1, 768)).astype("float32")
     ti.save_embedding(str(path), token, vectors, {"step": 3})
@@ -76,7 +87,7 @@ def concept(image_folder):
     keras.utils.set_random_seed(0)
     tokenizer = ti.build_tokenizer()
     vocab_size_before = len(tokenizer.vocab)
-    (placeholder_token_id,), initializer_token_id = ti.add_placeholder_token(
+    placeholder_token_id, initializer_token_id = ti.add_placeholder_token(
         tokenizer, "<my-funny-cat-token>", "cat"
     )
     stable_diffusion = ti.build_stable_diffusion(

@@ -1,4 +1,4 @@
-"""Mixed precision gives the float32 loss on a fixed batch (issue 4).
+"""Mixed precision gives the float32 loss on a fixed batch.
 
 bfloat16 is what this CPU can run; mixed_float16 is the GPU path and goes through the
 same code (plus Keras's loss scaling), but its numerics are not checked here.

@@ -1,5 +1,5 @@
-"""Saving and loading learned embeddings (issue 3). Resuming, and the generate command,
-are tested from the command line, in test_command_line.py."""
+"""Saving and loading learned embeddings. Resuming, and the generate tool, are tested
+from the command line, in test_runs_from_the_command_line.py."""
 
 import os
 
@@ -9,6 +9,9 @@ import safetensors
 import tensorflow as tf
 
 import textual_inversion as ti
+from conftest import import_tool
+
+generate = import_tool("generate")
 
 PLACEHOLDER = "<my-funny-cat-token>"
 
@@ -71,7 +74,7 @@ def test_loading_a_file_that_is_not_an_embedding_says_why(tmp_path):
         ti.load_embedding(str(tmp_path / "missing.safetensors"))
 
 
-def test_a_token_already_in_the_vocabulary_is_refused(concept):
+def test_a_token_already_in_the_vocabulary_is_refused():
     tokenizer = ti.build_tokenizer()
     cat = ti.LearnedEmbedding("cat", np.zeros((1, 768), "float32"), {})
     with pytest.raises(ti.UserError, match="already in the vocabulary"):
@@ -121,4 +124,6 @@ def test_generate_refuses_a_prompt_without_the_token(tmp_path):
     path = str(tmp_path / ti.EMBEDDING_FILE)
     ti.save_embedding(path, "<my-test-token>", np.zeros((1, 768), "float32"), {})
     with pytest.raises(ti.UserError, match="uses none of the loaded tokens"):
-        ti.main(["generate", "--embedding", path, "--prompt", "a dog", "--random-weights"])
+        generate.generate(
+            generate.parse_args(["--embedding", path, "--prompt", "a dog", "--random-weights"])
+        )

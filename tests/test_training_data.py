@@ -1,4 +1,4 @@
-"""The training set: the tutorial's, style prompts, and own captions (issue 6)."""
+"""The training set: the tutorial's, style prompts, and own captions."""
 
 import collections
 
@@ -18,6 +18,12 @@ def tokenizer():
     return tokenizer
 
 
+def train_dataset(args, tokenizer):
+    """The training set `main` assembles for `args`."""
+    datasets = ti.training_datasets(args, tokenizer, TOKEN)
+    return ti.assemble_train_dataset(datasets, args.batch_size)
+
+
 def prompts_of(dataset, tokenizer):
     """How often each prompt occurs in the (batched) dataset, keyed by the prompts
     whose token ids they are."""
@@ -33,15 +39,16 @@ def ids(tokenizer, prompt):
 
 def test_the_tutorial_dataset_has_its_250_steps_an_epoch(tokenizer):
     args = ti.parse_args(["--random-weights", "--resolution", "128"])
-    assert args.group_images == ti.GROUP_IMAGE_URLS and args.prompts == ti.SINGLE_PROMPTS
-    train_ds = ti.assemble_train_dataset(args, tokenizer)
+    assert ti.group_image_sources(args) == ti.GROUP_IMAGE_URLS
+    assert ti.concept_prompts(args) == ti.SINGLE_PROMPTS
+    train_ds = train_dataset(args, tokenizer)
     assert int(train_ds.cardinality()) == 250
 
 
 def test_own_images_do_not_bring_the_tutorial_group_images(tmp_path):
     write_test_images(str(tmp_path), count=1)
     args = ti.parse_args(["--images", str(tmp_path)])
-    assert args.group_images == []
+    assert ti.group_image_sources(args) == []
 
 
 def test_style_uses_the_style_prompts(tmp_path, tokenizer):
@@ -50,7 +57,7 @@ def test_style_uses_the_style_prompts(tmp_path, tokenizer):
         ["--images", str(tmp_path), "--learnable-property", "style", "--resolution", "128",
          "--random-weights"]
     )
-    counts = prompts_of(ti.assemble_train_dataset(args, tokenizer), tokenizer)
+    counts = prompts_of(train_dataset(args, tokenizer), tokenizer)
     expected = {ids(tokenizer, p.format(TOKEN)) for p in ti.STYLE_PROMPTS}
     assert set(counts) == expected
     assert set(counts.values()) == {5}
@@ -61,7 +68,7 @@ def test_an_image_with_a_caption_file_trains_with_its_caption(tmp_path, tokenize
     caption = "a photo of {} asleep on a red sofa"
     (tmp_path / "concept_1.txt").write_text(caption + "\n")
     args = ti.parse_args(["--images", str(tmp_path), "--resolution", "128", "--random-weights"])
-    train_ds = ti.assemble_train_dataset(args, tokenizer)
+    train_ds = train_dataset(args, tokenizer)
     counts = prompts_of(train_ds, tokenizer)
     assert counts[ids(tokenizer, caption.format(TOKEN))] == 5
     assert sum(counts.values()) == 5 + 5 * len(ti.SINGLE_PROMPTS)
@@ -81,4 +88,4 @@ def test_a_caption_without_braces_is_refused(tmp_path, tokenizer):
     (tmp_path / "concept_0.txt").write_text("a photo of my cat")
     args = ti.parse_args(["--images", str(tmp_path), "--resolution", "128"])
     with pytest.raises(ti.UserError, match="has no {}"):
-        ti.assemble_train_dataset(args, tokenizer)
+        train_dataset(args, tokenizer)

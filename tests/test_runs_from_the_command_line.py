@@ -4,7 +4,7 @@ Three long training runs start together, in a module fixture: a run with --distr
 on two logical CPU devices, the same run on one device, and a run that Ctrl-C stops and
 --resume finishes. Most of a run's time is building and tracing the models, which keeps
 one core busy, so side by side they take little longer than the longest alone. The
-`generate` and `evaluate` commands then run side by side too.
+two tools, `generate` and `evaluate`, then run side by side too.
 """
 
 import csv
@@ -24,6 +24,8 @@ from conftest import RESOLUTION, ROOT, run_script, save_random_embedding
 
 PLACEHOLDER = "<my-funny-cat-token>"
 SCRIPT = os.path.join(ROOT, "textual_inversion.py")
+GENERATE = os.path.join(ROOT, "tools", "generate.py")
+EVALUATE = os.path.join(ROOT, "tools", "evaluate.py")
 
 # Splits the CPU into two logical devices, then runs the script as `python
 # textual_inversion.py ...` would.
@@ -137,42 +139,65 @@ def runs(tmp_path_factory, image_folder):
 # --- Ctrl-C, then --resume ---------------------------------------------------------------
 
 
-def test_a_run_stopped_by_ctrl_c_then_resumed_writes_its_outputs(runs, image_folder):
-    """A run interrupted by SIGINT after its first step saves the embedding and exits;
-    --resume finishes it, with all the outputs."""
+@pytest.fixture(scope="module")
+def stopped_then_resumed(runs, image_folder):
+    """The run that SIGINT stops after its first logged step, then --resume, 2 steps
+    further, with samples."""
     root, runs = runs
     output_dir = root / "run"
-    embedding_path = output_dir / ti.EMBEDDING_FILE
     first = runs["interrupted"]
     deadline = time.time() + 1200
     while not read_loss_rows(output_dir / "loss.csv") and first.process.poll() is None:
         assert time.time() < deadline, "no training step within 20 minutes"
         time.sleep(0.5)
     first.process.send_signal(signal.SIGINT)
-    assert first.finish() == 130, first.stderr[-3000:]
-    assert "Traceback" not in first.stderr
-    assert "Stopped by SIGINT" in first.stderr and "--resume" in first.stderr
-
+    first.finish()
     stopped_at = len(read_loss_rows(output_dir / "loss.csv"))
-    assert 1 <= stopped_at < 50
-    saved = ti.load_embedding(str(embedding_path))
-    assert saved.metadata["step"] == str(stopped_at)
-
+    saved = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
     target = stopped_at + 2
     second = run_script(
         *interrupted_flags(image_folder, output_dir),
-        "--sample-every", 1, "--max-train-steps", target, "--resume", embedding_path,
+        "--sample-every", 1, "--max-train-steps", target,
+        "--resume", output_dir / ti.EMBEDDING_FILE,
         timeout=1500,
     )  # fmt: skip
+    return dict(
+        output_dir=output_dir, first=first, stopped_at=stopped_at, saved=saved,
+        second=second, target=target,
+    )  # fmt: skip
+
+
+def test_ctrl_c_saves_the_embedding_and_exits_130_with_the_resume_command(stopped_then_resumed):
+    first = stopped_then_resumed["first"]
+    assert first.process.returncode == 130, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    assert "Stopped by SIGINT" in first.stderr and "--resume" in first.stderr
+    stopped_at = stopped_then_resumed["stopped_at"]
+    assert 1 <= stopped_at < 50
+    assert stopped_then_resumed["saved"].metadata["step"] == str(stopped_at)
+
+
+def test_a_resumed_run_continues_the_step_count_and_the_loss_log(stopped_then_resumed):
+    output_dir, second = stopped_then_resumed["output_dir"], stopped_then_resumed["second"]
+    target = stopped_then_resumed["target"]
     assert second.returncode == 0, second.stderr[-3000:]
     assert "ms/step" in second.stdout
+    # The progress bar counts the 2 steps this run takes, not the epoch's 125.
+    assert "2/2" in second.stdout and "/125" not in second.stdout
 
     rows = read_loss_rows(output_dir / "loss.csv")
     assert [int(row["step"]) for row in rows] == list(range(1, target + 1))
     assert all(math.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in rows)
-    resumed = ti.load_embedding(str(embedding_path))
+    resumed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
     assert resumed.metadata["step"] == str(target)
-    assert not np.array_equal(resumed.vectors, saved.vectors)
+    assert not np.array_equal(resumed.vectors, stopped_then_resumed["saved"].vectors)
+
+
+def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_images(
+    stopped_then_resumed,
+):
+    output_dir = stopped_then_resumed["output_dir"]
+    assert stopped_then_resumed["second"].returncode == 0
     assert os.path.getsize(output_dir / "loss.png") > 0
     assert os.path.exists(output_dir / "learned_words.json")
 
@@ -243,13 +268,13 @@ def drawing_runs(tmp_path_factory, image_folder):
     common = ["--sample-steps", 2, "--random-weights", "--resolution", RESOLUTION]
     runs = {
         "generate": Run(
-            [SCRIPT, "generate", "--embedding", generate_embedding,
+            [GENERATE, "--embedding", generate_embedding,
              "--prompt", "an oil painting of {}", "--batch-size", 2,
              *common, "--output-dir", root / "gen"],
             root / "generate",
         ),
         "evaluate": Run(
-            [SCRIPT, "evaluate", "--embedding", evaluate_embedding, "--images", image_folder,
+            [EVALUATE, "--embedding", evaluate_embedding, "--images", image_folder,
              "--num-images", 2, *common, "--output-dir", root / "eval"],
             root / "evaluate",
         ),
@@ -261,7 +286,7 @@ def drawing_runs(tmp_path_factory, image_folder):
             run.process.wait()
 
 
-def test_generate_command_writes_images(drawing_runs):
+def test_the_generate_tool_writes_images(drawing_runs):
     root, runs = drawing_runs
     run = runs["generate"]
     assert run.finish() == 0, run.stderr[-3000:]
@@ -275,12 +300,12 @@ def test_generate_command_writes_images(drawing_runs):
     assert image.shape[:2] == (RESOLUTION, RESOLUTION)
 
 
-def test_evaluate_command_writes_both_scores(drawing_runs):
+def test_the_evaluate_tool_writes_both_scores(drawing_runs):
     root, runs = drawing_runs
     run = runs["evaluate"]
     assert run.finish() == 0, run.stderr[-3000:]
     report = json.loads((root / "eval" / "eval.json").read_text())
-    assert len(report["per_prompt"]) == len(ti.EVALUATION_PROMPTS)
+    assert len(report["per_prompt"]) == 3  # the tool's evaluation prompts
     for key in ("image_similarity", "text_similarity"):
         assert math.isfinite(report[key]) and -1.0 <= report[key] <= 1.0
         assert all(-1.0 <= p[key] <= 1.0 for p in report["per_prompt"])

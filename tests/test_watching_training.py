@@ -1,7 +1,8 @@
-"""Seeing what was learned: the progress montage and the nearest words (issue 8)."""
+"""Watching training: the progress bar, the montage and the nearest words."""
 
 import json
 
+import keras
 import numpy as np
 import matplotlib.pyplot as plt
 
@@ -67,36 +68,37 @@ def test_before_training_the_nearest_word_is_the_initializer(concept, tmp_path):
     assert json.loads(path.read_text()) == report
 
 
-# --- The paper's CLIP scores -----------------------------------------------------------
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-from conftest import RESOLUTION  # noqa: E402
+# --- The progress bar -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return ti.build_clip(random_weights=True)
+class FakeTrainer:
+    """What StepProgressBar reads of the trainer: its step count."""
+
+    def __init__(self, step):
+        self.step = keras.Variable(step, dtype="int64", trainable=False)
 
 
-def test_training_images_are_similar_to_themselves(clip, concept):
-    training = (concept["images"] + 1) * 127.5
-    embeddings = ti.clip_image_embeddings(clip, training)
-    prompt = ti.clip_text_embeddings(clip, concept["tokenizer"], ["a photo of a"])[0]
-    for i in range(len(embeddings)):
-        one = embeddings[i : i + 1]
-        scores = ti.clip_scores(one, one, prompt)
-        assert abs(scores["image_similarity"] - 1.0) < 1e-5
-
-    rng = np.random.default_rng(0)
-    other = rng.integers(0, 256, size=(2, RESOLUTION, RESOLUTION, 3)).astype("uint8")
-    scores = ti.clip_scores(ti.clip_image_embeddings(clip, other), embeddings, prompt)
-    for value in scores.values():
-        assert math.isfinite(value) and -1.0 <= value <= 1.0
-    assert scores["image_similarity"] < 1.0 - 1e-4
+def bar_output(capsys, steps_per_epoch, total_steps, first_step, steps_taken):
+    trainer = FakeTrainer(first_step)
+    bar = ti.StepProgressBar(steps_per_epoch, total_steps)
+    bar.set_model(trainer)
+    bar.on_train_begin()
+    bar.on_epoch_begin(first_step // steps_per_epoch)
+    for batch in range(steps_taken):
+        trainer.step.assign(first_step + batch + 1)
+        bar.on_train_batch_end(batch, {"loss": 0.5})
+    return capsys.readouterr().out
 
 
-def test_the_text_prompt_leaves_the_placeholder_out():
-    assert ti.without_token("a photo of a <tok> on the beach", "<tok>") == "a photo of a on the beach"
+def test_the_progress_bar_of_a_4_step_run_ends_at_4(capsys):
+    output = bar_output(capsys, steps_per_epoch=250, total_steps=4, first_step=0, steps_taken=4)
+    assert "4/4" in output
+    assert "250" not in output
+    assert "1 of 1 in this run" in output
+
+
+def test_the_progress_bar_of_a_resumed_run_counts_the_steps_left(capsys):
+    output = bar_output(capsys, steps_per_epoch=10, total_steps=25, first_step=20, steps_taken=5)
+    assert "5/5" in output
+    assert "/10" not in output
+    assert "Epoch 3 (1 of 1 in this run)" in output

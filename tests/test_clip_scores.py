@@ -1,0 +1,51 @@
+"""tools/evaluate.py: the paper's CLIP scores, on CLIP built with random weights."""
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import RESOLUTION, import_tool
+
+evaluate = import_tool("evaluate")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return evaluate.build_clip(random_weights=True)
+
+
+def test_clip_preprocessing_of_a_constant_image_is_clips_normalized_value(clip):
+    """A grey image of value 100 becomes 224 x 224 pixels of (100 / 255 - mean) / std
+    in each channel, with CLIP's published mean and std."""
+    image = np.full((1, 96, 96, 3), 100, dtype="uint8")
+    pixels = np.asarray(evaluate.clip_pixels(clip, image))
+    assert pixels.shape == (1, 224, 224, 3)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    expected = (100 / 255 - mean) / std  # by hand: [-0.3324, -0.2513, -0.0582]
+    np.testing.assert_allclose(pixels[0, 112, 112], expected, atol=1e-5)
+    # Every pixel, up to the bicubic resize's rounding (measured: at most 2e-4).
+    np.testing.assert_allclose(pixels[0], np.broadcast_to(expected, (224, 224, 3)), atol=1e-3)
+
+
+def test_training_images_are_similar_to_themselves(clip, concept):
+    training = (concept["images"] + 1) * 127.5
+    embeddings = evaluate.clip_image_embeddings(clip, training)
+    prompt = evaluate.clip_text_embeddings(clip, concept["tokenizer"], ["a photo of a"])[0]
+    for i in range(len(embeddings)):
+        one = embeddings[i : i + 1]
+        scores = evaluate.clip_scores(one, one, prompt)
+        assert abs(scores["image_similarity"] - 1.0) < 1e-5
+
+    rng = np.random.default_rng(0)
+    other = rng.integers(0, 256, size=(2, RESOLUTION, RESOLUTION, 3)).astype("uint8")
+    scores = evaluate.clip_scores(evaluate.clip_image_embeddings(clip, other), embeddings, prompt)
+    for value in scores.values():
+        assert math.isfinite(value) and -1.0 <= value <= 1.0
+    assert scores["image_similarity"] < 1.0 - 1e-4
+
+
+def test_the_text_prompt_leaves_the_placeholder_out():
+    text = evaluate.without_token("a photo of a <tok> on the beach", "<tok>")
+    assert text == "a photo of a on the beach"
