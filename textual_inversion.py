@@ -26,6 +26,7 @@ flags; the command line comes last. `tools/generate.py` draws with a saved embed
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -685,8 +686,7 @@ class StableDiffusionFineTuner(keras.Model):
             self.placeholder_token_ids[:, None], self.learned_embedding.value
         )
 
-    def train_step(self, data):
-        images, token_ids, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def loss_and_gradient(self, images, token_ids):
         embedding_matrix = self.token_embedding.embeddings.value
         with tf.GradientTape() as tape:
             tape.watch(embedding_matrix)
@@ -695,7 +695,11 @@ class StableDiffusionFineTuner(keras.Model):
 
         # The masked gradient: only the placeholder's rows of the matrix's gradient.
         embedding_gradient = tape.gradient(scaled_loss, embedding_matrix)
-        gradient = placeholder_gradient(embedding_gradient, self.placeholder_token_ids)
+        return loss, placeholder_gradient(embedding_gradient, self.placeholder_token_ids)
+
+    def train_step(self, data):
+        images, token_ids, _ = keras.utils.unpack_x_y_sample_weight(data)
+        loss, gradient = self.loss_and_gradient(images, token_ids)
         self.optimizer.apply_gradients([(gradient, self.learned_embedding)])
         self.write_learned_embedding()
         self.step.assign_add(1)
@@ -912,34 +916,6 @@ def group_image_sources(args):
         return args.group_images
     tutorial = args.images == SINGLE_IMAGE_URLS and args.learnable_property == "object"
     return GROUP_IMAGE_URLS if tutorial else []
-
-
-def training_datasets(args, tokenizer, placeholder):
-    """The text-image pair datasets of a run, ready for `assemble_train_dataset`:
-    uncaptioned images with the prompts, captioned ones with their captions, and the
-    group images with the group prompts."""
-    download = not args.random_weights
-    files = resolve_image_files(args.images, download)
-    captions = {path: read_caption(path) for path in files}
-    uncaptioned = [path for path in files if captions[path] is None]
-    captioned = [path for path in files if captions[path] is not None]
-    datasets = []
-    if uncaptioned:
-        prompts = concept_prompts(args)
-        datasets.append(
-            assemble_dataset(uncaptioned, prompts, tokenizer, placeholder, args.resolution)
-        )
-    if captioned:
-        captions = [captions[path] for path in captioned]
-        datasets.append(
-            assemble_captioned_dataset(captioned, captions, tokenizer, placeholder, args.resolution)
-        )
-    group_files = resolve_image_files(group_image_sources(args), download)
-    if group_files:
-        datasets.append(
-            assemble_dataset(group_files, GROUP_PROMPTS, tokenizer, placeholder, args.resolution)
-        )
-    return datasets
 
 
 """
@@ -1457,24 +1433,206 @@ def report_nearest_words(stable_diffusion, token_ids, path=None):
 """
 ## Extras: speed
 
-`--precision` sets Keras's dtype policy for every model. `mixed_float16` (with Keras's
-loss scaling, which `scaled_loss` in the trainer applies) is the usual choice on a GPU;
-`mixed_bfloat16` computes the float32 loss within 1% (tested), but on a CPU without
-bfloat16 arithmetic it is slower than float32. The learned vector and the loss stay in
-float32 under both.
+`--precision` sets Keras's dtype policy for every model; the learned vector and the
+loss stay in float32 under each. `auto`, the default, picks by what the hardware
+computes fast:
+
+- `mixed_bfloat16` on a GPU of compute capability 8.0 or more (A100, L4, RTX 30xx and
+  later compute bfloat16 as fast as float16, and bfloat16 needs no loss scaling), and
+  on a CPU with bfloat16 arithmetic (`avx512_bf16` or `amx_bf16`);
+- `mixed_float16`, with Keras's loss scaling (which `scaled_loss` in the trainer
+  applies), on older GPUs with float16 tensor cores (compute capability 7.x: V100, and
+  the T4 of Colab's free tier);
+- `float32` elsewhere: on a CPU without bfloat16 arithmetic both mixed policies made a
+  step more than twice as slow in our measurements.
+
+The GPU choices follow TensorFlow's mixed-precision guide; they are unmeasured here.
+`mixed_bfloat16` computes the float32 loss within 1% (tested).
 
 `--xla` compiles the models with XLA. `auto` turns it on with a GPU only: on a CPU it
 made training slower in our measurements, and Keras itself leaves it off under
 `tf.distribute`. `benchmarks/train_step.py` times a step.
 """
 
-PRECISIONS = ["float32", "mixed_float16", "mixed_bfloat16"]
+PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags():
+    """The CPU's feature flags, as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_facts():
+    """(name, compute capability) of the first GPU, or None without one."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return details.get("device_name", gpus[0].name), details.get("compute_capability")
+
+
+def choose_precision(gpu, cpu_flags):
+    """(policy, reason) for `--precision auto`; `gpu` is `gpu_facts()`."""
+    if gpu:
+        name, capability = gpu
+        if capability and capability >= (8, 0):
+            return (
+                "mixed_bfloat16",
+                f"{name} (compute capability {capability[0]}.{capability[1]}) computes bfloat16 natively",
+            )
+        if capability and capability >= (7, 0):
+            return (
+                "mixed_float16",
+                f"{name} (compute capability {capability[0]}.{capability[1]}) has float16 tensor cores, not bfloat16",
+            )
+        return "float32", f"{name} has no float16 tensor cores"
+    found = [flag for flag in BFLOAT16_CPU_FLAGS if flag in cpu_flags]
+    if found:
+        return "mixed_bfloat16", f"this CPU has bfloat16 arithmetic ({', '.join(found)})"
+    return "float32", "no GPU, and this CPU has no bfloat16 arithmetic (no avx512_bf16 or amx_bf16)"
+
+
+def resolve_precision(precision_flag):
+    """The dtype policy for `--precision`: as given, or chosen for the hardware."""
+    if precision_flag != "auto":
+        return precision_flag
+    precision, reason = choose_precision(gpu_facts(), cpu_flags())
+    print(f"--precision auto: {precision}, as {reason}.")
+    return precision
 
 
 def use_xla(xla_flag, distribute=False):
     if xla_flag == "auto":
         return bool(tf.config.list_physical_devices("GPU")) and not distribute
     return xla_flag == "on"
+
+
+"""
+**Gradient accumulation.** `--gradient-accumulation-steps N` splits each batch of
+`--batch-size` images into N micro-batches, run one after the other, and updates the
+vector once with their mean gradient: a batch of 4 then needs the memory of a batch of
+1 (`--batch-size 4 --gradient-accumulation-steps 4`). A step is still one update, so
+`--max-train-steps`, the learning-rate schedule, `loss.csv` and `--resume` count as
+without it. Each micro-batch draws its rows of the random numbers the whole batch
+would draw, so 2 micro-batches of 1 take the very step one batch of 2 takes (tested).
+"""
+
+
+class AccumulatingFineTuner(StableDiffusionFineTuner):
+    def __init__(self, *args, accumulation_steps=2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accumulation_steps = accumulation_steps
+
+    def rows_of_micro_batch(self, draw, shape):
+        """Draws `shape`'s values for the whole batch; returns this micro-batch's."""
+        rows = shape[0]
+        start = self.micro_batch * rows
+        return draw((rows * self.accumulation_steps, *shape[1:]))[start : start + rows]
+
+    def standard_normal(self, shape):
+        return self.rows_of_micro_batch(super().standard_normal, shape)
+
+    def random_timesteps(self, shape):
+        return self.rows_of_micro_batch(super().random_timesteps, shape)
+
+    def loss_and_gradient(self, images, token_ids):
+        rows = images.shape[0] // self.accumulation_steps
+        # Every micro-batch makes the batch's draws from the same random state.
+        random_state = tf.identity(self.seed_generator.state.value)
+
+        def add_micro_batch(i, loss_sum, gradient_sum):
+            self.seed_generator.state.assign(random_state)
+            self.micro_batch = i
+            loss, gradient = super(AccumulatingFineTuner, self).loss_and_gradient(
+                images[i * rows : (i + 1) * rows], token_ids[i * rows : (i + 1) * rows]
+            )
+            return i + 1, loss_sum + loss, gradient_sum + gradient
+
+        _, loss_sum, gradient_sum = tf.while_loop(
+            lambda i, *sums: i < self.accumulation_steps,
+            add_micro_batch,
+            (tf.constant(0), tf.constant(0.0), tf.zeros_like(self.learned_embedding.value)),
+        )
+        return loss_sum / self.accumulation_steps, gradient_sum / self.accumulation_steps
+
+
+"""
+**Cached latents.** The frozen VAE encoder turns the same few photos into latents at
+every step, a sixth of a CPU step in our measurements. `--cache-latents` encodes
+`CACHED_VIEWS` augmented views (random crops and flips) of each image once, before
+training, and keeps the encoder's outputs, the mean and log-variance of each view's
+latent distribution. Each step then picks a cached view at random and samples from
+its distribution, as the tutorial samples, without the encoder. 10 views: each of the
+tutorial's photos is seen 25 times an epoch, so 10 views keep most of the variety of
+crops while the encoder runs 80 times in all instead of 12,500. Off by default, as the
+tutorial draws a new crop every step (AUTOMATIC1111 and kohya's sd-scripts offer the
+same trade).
+"""
+
+CACHED_VIEWS = 10
+
+
+def latent_distribution_encoder(image_encoder):
+    """The image encoder without its last layer: the mean and log-variance of the
+    latent distribution, as the trainer uses it."""
+    return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)
+
+
+def encode_views(image_files, resolution, latent_encoder, views=CACHED_VIEWS, augment=None):
+    """The encoder's outputs for `views` augmented views of each image, as an array
+    [images, views, resolution / 8, resolution / 8, 8]."""
+    layers = augmentation_layers(resolution)
+    augment = augment or (lambda image: functools.reduce(lambda x, layer: layer(x), layers, image))
+    images = load_images(image_files, resolution).astype("float32")
+    progress = keras.utils.Progbar(len(images) * views, unit_name="view")
+    print(f"Caching the latents of {views} views of {len(images)} images:")
+    encoded = []
+    for image in images:
+        outputs = []
+        for _ in range(views):
+            view = ops.convert_to_numpy(augment(image))
+            outputs.append(ops.convert_to_numpy(latent_encoder(view[None], training=False))[0])
+            progress.add(1)
+        encoded.append(np.stack(outputs))
+    return np.stack(encoded).astype("float32")
+
+
+def random_view(views):
+    return views[tf.random.uniform((), 0, tf.shape(views)[0], dtype="int32")]
+
+
+def assemble_cached_dataset(views, prompts, captions, tokenizer, placeholder_token):
+    """`assemble_dataset` (or, with captions, `assemble_captioned_dataset`) with a
+    random cached view of each image in place of a random crop of it."""
+    if captions:
+        token_ids = np.stack(
+            [
+                encode_prompt(tokenizer, caption.replace("{}", placeholder_token))
+                for caption in captions
+            ]
+        )
+        dataset = tf.data.Dataset.from_tensor_slices((views, token_ids))
+        dataset = dataset.shuffle(50, reshuffle_each_iteration=True)
+        return dataset.map(lambda image_views, ids: (random_view(image_views), ids)).repeat(
+            PROMPT_REPEATS
+        )
+    view_dataset = tf.data.Dataset.from_tensor_slices(views)
+    view_dataset = view_dataset.shuffle(50, reshuffle_each_iteration=True).map(random_view)
+    text_dataset = assemble_text_dataset(prompts, tokenizer, placeholder_token)
+    return tf.data.Dataset.zip((view_dataset.repeat(), text_dataset.repeat(PROMPT_REPEATS)))
+
+
+def use_cached_latents(trainer):
+    """The trainer's batches hold encoder outputs already: its encoder is the identity."""
+    trainer.training_image_encoder = keras.layers.Identity()
 
 
 """
@@ -1621,7 +1779,11 @@ def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
     `add_embeddings` added to `tokenizer`."""
     jit_compile = use_xla(args.xla)
     stable_diffusion = build_stable_diffusion(
-        args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
+        args.resolution,
+        tokenizer,
+        args.random_weights,
+        jit_compile,
+        resolve_precision(args.precision),
     )
     stable_diffusion._text_encoder = extend_text_encoder(
         stable_diffusion.text_encoder, new_rows, jit_compile
@@ -1733,6 +1895,19 @@ def build_parser():
         help="Images per step; with --distribute, over all devices (default: %(default)s).",
     )
     training.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="Split each batch into this many micro-batches, run one after the other, "
+        "for one update: the memory of a smaller batch (default: %(default)s).",
+    )
+    training.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help=f"Encode {CACHED_VIEWS} augmented views of each image once, before training, "
+        "instead of a new crop at every step: faster, less varied (default: off).",
+    )
+    training.add_argument(
         "--resolution",
         type=int,
         default=RESOLUTION,
@@ -1806,9 +1981,10 @@ def add_machine_flags(parser):
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="float32",
-        help="Keras dtype policy of the models; mixed_float16 (with loss scaling) is the "
-        "usual choice on a GPU (default: %(default)s).",
+        default="auto",
+        help="Keras dtype policy of the models; auto: mixed_bfloat16 on GPUs of compute "
+        "capability 8.0+ and CPUs with bfloat16 arithmetic, mixed_float16 (with loss "
+        "scaling) on older GPUs, float32 elsewhere (default: %(default)s).",
     )
     parser.add_argument(
         "--xla",
@@ -1885,8 +2061,26 @@ def check_args(args):
     """Settings the models cannot take, reported before anything is built."""
     check_resolution(args.resolution)
     check_at_least_one(
-        args, "batch_size", "epochs", "num_vectors", "max_train_steps", "sample_steps"
+        args,
+        "batch_size",
+        "gradient_accumulation_steps",
+        "epochs",
+        "num_vectors",
+        "max_train_steps",
+        "sample_steps",
     )
+    accumulation = args.gradient_accumulation_steps
+    if args.batch_size % accumulation:
+        raise UserError(
+            f"--batch-size {args.batch_size} does not split into "
+            f"--gradient-accumulation-steps {accumulation} equal micro-batches; use a "
+            f"multiple of {accumulation}."
+        )
+    if accumulation > 1 and args.distribute:
+        raise UserError(
+            "--gradient-accumulation-steps does not work with --distribute yet; leave "
+            "one of them out."
+        )
     for flag, value in [("--sample-every", args.sample_every), ("--save-every", args.save_every)]:
         if value < 0:
             raise UserError(f"{flag} is {value}; it must be 0 (never) or more.")
@@ -1930,6 +2124,57 @@ def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts
     return callbacks
 
 
+def training_image_sets(args):
+    """(image files, prompt templates, captions) of each dataset of a run: uncaptioned
+    images with the prompts, captioned ones with their captions, and the group images
+    with the group prompts."""
+    download = not args.random_weights
+    files = resolve_image_files(args.images, download)
+    captions = {path: read_caption(path) for path in files}
+    uncaptioned = [path for path in files if captions[path] is None]
+    captioned = [path for path in files if captions[path] is not None]
+    group_files = resolve_image_files(group_image_sources(args), download)
+    image_sets = []
+    if uncaptioned:
+        image_sets.append((uncaptioned, concept_prompts(args), None))
+    if captioned:
+        image_sets.append((captioned, None, [captions[path] for path in captioned]))
+    if group_files:
+        image_sets.append((group_files, GROUP_PROMPTS, None))
+    return image_sets
+
+
+def training_datasets(args, tokenizer, placeholder, latent_encoder=None):
+    """The text-image pair datasets of a run, ready for `assemble_train_dataset`. With
+    a `latent_encoder` (--cache-latents), cached encoder outputs of views of the images
+    take the images' place."""
+    datasets = []
+    for files, prompts, captions in training_image_sets(args):
+        if latent_encoder:
+            views = encode_views(files, args.resolution, latent_encoder)
+            datasets.append(
+                assemble_cached_dataset(views, prompts, captions, tokenizer, placeholder)
+            )
+        elif captions:
+            datasets.append(
+                assemble_captioned_dataset(files, captions, tokenizer, placeholder, args.resolution)
+            )
+        else:
+            datasets.append(
+                assemble_dataset(files, prompts, tokenizer, placeholder, args.resolution)
+            )
+    return datasets
+
+
+def trainer_class(args):
+    if args.distribute:
+        return DistributedFineTuner
+    if args.gradient_accumulation_steps > 1:
+        steps = args.gradient_accumulation_steps
+        return functools.partial(AccumulatingFineTuner, accumulation_steps=steps)
+    return StableDiffusionFineTuner
+
+
 def run_training(
     stable_diffusion,
     train_ds,
@@ -1959,9 +2204,11 @@ def run_training(
             learning_rate,
             seed=args.seed,
             jit_compile=use_xla(args.xla, args.distribute),
-            trainer_class=DistributedFineTuner if args.distribute else StableDiffusionFineTuner,
+            trainer_class=trainer_class(args),
         )
     continue_from_step(trainer, initial_step)
+    if args.cache_latents:
+        use_cached_latents(trainer)
 
     non_finite_guard = StopOnNonFiniteLoss()
     callbacks = [non_finite_guard, StepProgressBar(steps_per_epoch, total_steps)]
@@ -2026,11 +2273,12 @@ def main(argv=None):
     train_ds = assemble_train_dataset(datasets, args.batch_size)
 
     jit_compile = use_xla(args.xla, args.distribute)
+    precision = resolve_precision(args.precision)
     # With --distribute the models are built on every device.
     strategy = distribution_strategy(args.distribute, args.batch_size)
     with strategy.scope():
         stable_diffusion = build_stable_diffusion(
-            args.resolution, tokenizer, args.random_weights, jit_compile, args.precision
+            args.resolution, tokenizer, args.random_weights, jit_compile, precision
         )
         if resumed:
             new_rows = rows_in_id_order(resumed.vectors, placeholder_token_ids)
@@ -2042,6 +2290,10 @@ def main(argv=None):
         )
     sample_on_one_device(stable_diffusion)
     freeze_models(stable_diffusion)
+    if args.cache_latents:
+        latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
+        datasets = training_datasets(args, tokenizer, placeholder, latent_encoder)
+        train_ds = assemble_train_dataset(datasets, args.batch_size)
 
     initial_step = int(resumed.metadata.get("step", 0)) if resumed else 0
     run_training(

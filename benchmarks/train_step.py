@@ -102,11 +102,18 @@ def parse_args(argv=None):
     parser.add_argument(
         "--precision",
         choices=ti.PRECISIONS,
-        default="float32",
-        help="Ours in this dtype policy; the tutorial's code is float32 only, so with "
-        "a mixed policy it gets models of its own, in float32.",
+        default="auto",
+        help="Ours in this dtype policy (auto: as textual_inversion.py chooses for this "
+        "hardware); the tutorial's code is float32 only, so with a mixed policy it gets "
+        "models of its own, in float32.",
     )
     parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="Ours on cached encoder outputs, as textual_inversion.py --cache-latents "
+        "trains: the VAE encoder leaves the step.",
+    )
     return parser.parse_args(argv)
 
 
@@ -136,9 +143,7 @@ def sample_from_encoder_outputs(outputs):
 
 def get_timestep_embedding(timestep, dim=320, max_period=10000):
     half = dim // 2
-    freqs = tf.math.exp(
-        -math.log(max_period) * tf.range(0, half, dtype=tf.float32) / half
-    )
+    freqs = tf.math.exp(-math.log(max_period) * tf.range(0, half, dtype=tf.float32) / half)
     args = tf.convert_to_tensor([timestep], dtype=tf.float32) * freqs
     embedding = tf.concat([tf.math.cos(args), tf.math.sin(args)], 0)
     return embedding
@@ -251,9 +256,7 @@ def set_tutorial_trainable(stable_diffusion):
             layer.trainable = True
         else:
             layer.trainable = False
-    ti.get_embedding_layer(stable_diffusion.text_encoder).position_embedding.trainable = (
-        False
-    )
+    ti.get_embedding_layer(stable_diffusion.text_encoder).position_embedding.trainable = False
 
 
 def build_tutorial_trainer(stable_diffusion, jit_compile):
@@ -296,7 +299,10 @@ def build_models(resolution, jit_compile, precision="float32"):
         tokenizer, PLACEHOLDER_TOKEN, INITIALIZER_TOKEN
     )
     stable_diffusion = ti.build_stable_diffusion(
-        resolution, tokenizer, random_weights=True, jit_compile=jit_compile,
+        resolution,
+        tokenizer,
+        random_weights=True,
+        jit_compile=jit_compile,
         precision=precision,
     )
     # As ti.main() does: the new row starts as a copy of the initializer's row.
@@ -331,6 +337,84 @@ def timed_step(trainer, images, token_ids):
     return time.perf_counter() - start
 
 
+def time_function(function, repeats):
+    """Median milliseconds of `function()` after one untimed (tracing) call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        for value in tf.nest.flatten(result):  # wait for the result
+            np.asarray(value.values if isinstance(value, tf.IndexedSlices) else value)
+        times.append(time.perf_counter() - start)
+    return 1000 * np.median(times)
+
+
+def step_breakdown(trainer, images, token_ids, jit_compile, repeats=3, cached=False):
+    """Milliseconds of each part of our train step, each part timed alone as a
+    tf.function: the VAE encoder, the text encoder forward and backward (to the token
+    matrix), the UNet forward, and the UNet forward and backward (to the context)."""
+    stable_diffusion = trainer.stable_diffusion
+    images, token_ids = tf.constant(images), tf.constant(token_ids)
+    matrix = trainer.token_embedding.embeddings.value
+    context = stable_diffusion.text_encoder([token_ids, trainer.position_ids])
+    latent_size = images.shape[1] // 8 if not cached else images.shape[1]
+    rng = np.random.default_rng(SEED)
+    noisy_latents = tf.constant(
+        rng.normal(size=(len(images), latent_size, latent_size, 4)), "float32"
+    )
+    context_gradient = tf.constant(rng.normal(size=context.shape), "float32")
+    noise_gradient = tf.constant(rng.normal(size=noisy_latents.shape), "float32")
+    timestep_embedding = ti.get_timestep_embedding(tf.fill([len(images)], 500))
+
+    def compiled(function):
+        return tf.function(function, jit_compile=jit_compile)
+
+    def text_encoder_forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(matrix)
+            encoded = stable_diffusion.text_encoder([token_ids, trainer.position_ids])
+            output = tf.reduce_sum(tf.cast(encoded, "float32") * context_gradient)
+        return tape.gradient(output, matrix)
+
+    def unet_forward():
+        return stable_diffusion.diffusion_model([noisy_latents, timestep_embedding, context])
+
+    def unet_forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(context)
+            prediction = unet_forward()
+            output = tf.reduce_sum(tf.cast(prediction, "float32") * noise_gradient)
+        return tape.gradient(output, context)
+
+    parts = {}
+    if not cached:
+        encode = compiled(lambda: trainer.training_image_encoder(images))
+        parts["VAE encoder"] = time_function(encode, repeats)
+    text = time_function(compiled(text_encoder_forward_backward), repeats)
+    forward = time_function(compiled(unet_forward), repeats)
+    forward_backward = time_function(compiled(unet_forward_backward), repeats)
+    return {
+        **parts,
+        "text encoder, forward and backward": text,
+        "UNet forward": forward,
+        "UNet backward (to the text context)": forward_backward - forward,
+    }
+
+
+def print_breakdown(parts, step_ms):
+    print("where a step of ours goes (each part alone, median of 3):")
+    for name, ms in parts.items():
+        print(f"  {name:<40} {ms:6.0f} ms")
+    print(f"  {'optimizer and the rest':<40} {step_ms - sum(parts.values()):6.0f} ms")
+    floor = parts["UNet forward"] + parts["UNet backward (to the text context)"]
+    print(
+        f"the floor, the UNet's forward and backward: {floor:.0f} ms; "
+        f"a step is {step_ms / floor:.2f}x the floor"
+    )
+    return floor
+
+
 def peak_memory():
     """A (label, bytes) pair: the GPU's peak allocation, or the host's peak RSS."""
     if tf.config.list_physical_devices("GPU"):
@@ -355,20 +439,37 @@ def time_sampling(stable_diffusion, num_steps):
     return 1000 * (total - decoder) / num_steps, 1000 * decoder
 
 
+def hardware_facts():
+    """What decides the precision: the CPU's model and bfloat16 flags, the GPU."""
+    model = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    bf16 = [flag for flag in ti.BFLOAT16_CPU_FLAGS if flag in ti.cpu_flags()]
+    gpu = ti.gpu_facts()
+    gpu_text = f"{gpu[0]} (compute capability {gpu[1]})" if gpu else "no GPU"
+    return (
+        f"{model}, {os.cpu_count()} cores, bfloat16 flags: {', '.join(bf16) or 'none'}; {gpu_text}"
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     keras.utils.set_random_seed(SEED)
     jit_compile = ti.use_xla(args.xla)
     device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    print(f"hardware: {hardware_facts()}")
+    precision = ti.resolve_precision(args.precision)
     print(
         f"device {device}, {args.resolution}px, batch {args.batch_size}, "
         f"XLA {'on' if jit_compile else 'off'}, {args.steps} timed steps per trainer, "
-        f"ours in {args.precision}"
+        f"ours in {precision}{', on cached latents' if args.cache_latents else ''}"
     )
 
     start = time.perf_counter()
     stable_diffusion, tokenizer, placeholder_token_id = build_models(
-        args.resolution, jit_compile, args.precision
+        args.resolution, jit_compile, precision
     )
     print(f"built the models in {time.perf_counter() - start:.1f} s")
     images, token_ids = make_batch(tokenizer, args.resolution, args.batch_size)
@@ -382,9 +483,14 @@ def main(argv=None):
         jit_compile=jit_compile,
     )
     ours_weights = [tuple(w.shape) for w in ours.trainable_weights]
-    ours_first = timed_step(ours, images, token_ids)  # traces with these flags
+    ours_batch = images
+    if args.cache_latents:
+        encoder = ti.latent_distribution_encoder(stable_diffusion.image_encoder)
+        ours_batch = ti.ops.convert_to_numpy(encoder(images))
+        ti.use_cached_latents(ours)
+    ours_first = timed_step(ours, ours_batch, token_ids)  # traces with these flags
     tutorial_sd = stable_diffusion
-    if args.precision != "float32":
+    if precision != "float32":
         tutorial_sd, _, _ = build_models(args.resolution, jit_compile, "float32")
     token_embedding = ti.get_embedding_layer(tutorial_sd.text_encoder).token_embedding
     saved_token_matrix = token_embedding.get_weights()
@@ -418,17 +524,20 @@ def main(argv=None):
 
     for _ in range(args.warmup):
         for trainer in trainers.values():
-            timed_step(trainer, images, token_ids)
+            timed_step(trainer, ours_batch if trainer is ours else images, token_ids)
     times = {name: [] for name in trainers}
     for _ in range(args.steps):
         for name, trainer in trainers.items():
-            times[name].append(timed_step(trainer, images, token_ids))
+            batch = ours_batch if trainer is ours else images
+            times[name].append(timed_step(trainer, batch, token_ids))
     tutorial_ms = 1000 * np.median(times["tutorial"]) if tutorial else float("nan")
     ours_ms = 1000 * np.median(times["ours"])
     for name, seconds in times.items():
         steps = ", ".join(f"{1000 * s:.0f}" for s in seconds)
         print(f"train step, {name}: median {1000 * np.median(seconds):.0f} ms ({steps})")
     print(f"ratio ours/tutorial: {ours_ms / tutorial_ms:.2f}x")
+    parts = step_breakdown(ours, ours_batch, token_ids, jit_compile, cached=args.cache_latents)
+    floor_ms = print_breakdown(parts, ours_ms)
 
     # The tutorial trained (and weight-decayed) the shared token matrix: restore it.
     token_embedding.set_weights(saved_token_matrix)
@@ -445,9 +554,11 @@ def main(argv=None):
     print(f"{memory_label}: {memory_bytes / 1e9:.1f} GB")
     print(
         f"summary: {device} {args.resolution}px batch {args.batch_size} "
-        f"(ours {args.precision}, XLA {'on' if jit_compile else 'off'}): "
+        f"(ours {precision}{', cached latents' if args.cache_latents else ''}, "
+        f"XLA {'on' if jit_compile else 'off'}): "
         f"tutorial {tutorial_ms:.0f} ms/step, ours {ours_ms:.0f} ms/step "
-        f"({ours_ms / tutorial_ms:.2f}x), {memory_label} {memory_bytes / 1e9:.1f} GB, "
+        f"({ours_ms / tutorial_ms:.2f}x; the floor {floor_ms:.0f} ms), "
+        f"{memory_label} {memory_bytes / 1e9:.1f} GB, "
         f"sampling {sample_ms:.0f} ms/diffusion step"
     )
 

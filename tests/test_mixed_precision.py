@@ -59,3 +59,33 @@ def test_mixed_bfloat16_loss_equals_float32_loss(concept):
     )
     assert len(set(reference)) == len(seeds), "the seeds should give different examples"
     np.testing.assert_allclose(mixed, reference, rtol=RELATIVE_TOLERANCE)
+
+
+# --- --precision auto ------------------------------------------------------------------
+
+
+def test_auto_precision_is_float32_on_a_cpu_without_bfloat16_arithmetic():
+    precision, reason = ti.choose_precision(None, {"avx2", "fma", "avx512f"})
+    assert precision == "float32"
+    assert "no bfloat16 arithmetic" in reason
+
+
+def test_auto_precision_is_bfloat16_on_a_cpu_with_bfloat16_arithmetic():
+    for flag in ("avx512_bf16", "amx_bf16"):
+        precision, reason = ti.choose_precision(None, {"avx2", flag})
+        assert precision == "mixed_bfloat16" and flag in reason
+
+
+def test_auto_precision_is_float16_with_loss_scaling_on_a_t4_and_bfloat16_on_an_a100():
+    assert ti.choose_precision(("Tesla T4", (7, 5)), set())[0] == "mixed_float16"
+    assert ti.choose_precision(("Tesla V100", (7, 0)), set())[0] == "mixed_float16"
+    assert ti.choose_precision(("NVIDIA A100", (8, 0)), set())[0] == "mixed_bfloat16"
+    assert ti.choose_precision(("Tesla K80", (3, 7)), {"amx_bf16"})[0] == "float32"
+
+
+def test_an_explicit_precision_is_kept_and_auto_says_what_it_chose(capsys):
+    assert ti.resolve_precision("mixed_float16") == "mixed_float16"
+    assert capsys.readouterr().out == ""
+    chosen = ti.resolve_precision("auto")
+    assert chosen in ti.PRECISIONS and chosen != "auto"
+    assert f"--precision auto: {chosen}, as " in capsys.readouterr().out

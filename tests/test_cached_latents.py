@@ -1,0 +1,64 @@
+"""--cache-latents: the VAE encoder's outputs for a few views of each image, encoded
+once, take the images' place in training."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import textual_inversion as ti
+from conftest import RESOLUTION
+
+PLACEHOLDER = "<my-funny-cat-token>"
+LATENT_SIZE = RESOLUTION // 8
+
+
+@pytest.fixture(scope="module")
+def latent_encoder(concept):
+    return ti.latent_distribution_encoder(concept["stable_diffusion"].image_encoder)
+
+
+def test_a_step_on_cached_latents_computes_the_loss_of_a_step_on_the_image(
+    concept, image_folder, latent_encoder
+):
+    files = ti.resolve_image_files([image_folder])[:1]
+    unchanged = lambda image: image  # noqa: E731 (a view that is the image itself)
+    views = ti.encode_views(files, RESOLUTION, latent_encoder, views=2, augment=unchanged)
+    assert views.shape == (1, 2, LATENT_SIZE, LATENT_SIZE, 8)  # mean and log-variance
+
+    stable_diffusion = concept["stable_diffusion"]
+    trainer = ti.build_trainer(stable_diffusion, [concept["placeholder_token_id"]], 1e-4, seed=0)
+    token_ids = tf.constant(
+        ti.encode_prompt(concept["tokenizer"], f"a photo of a {PLACEHOLDER}")[None]
+    )
+    random_state = trainer.seed_generator.state.numpy()
+    image = tf.constant(ti.load_images(files, RESOLUTION).astype("float32"))
+    image_loss = float(trainer.compute_denoising_loss(image, token_ids))
+    ti.use_cached_latents(trainer)
+    trainer.seed_generator.state.assign(random_state)
+    cached_loss = float(trainer.compute_denoising_loss(tf.constant(views[:, 1]), token_ids))
+    # The same ops on the same numbers: equal up to float32 rounding.
+    np.testing.assert_allclose(cached_loss, image_loss, rtol=1e-5)
+
+
+def test_cached_views_are_augmented_and_pair_with_every_prompt(
+    concept, image_folder, latent_encoder
+):
+    args = ti.parse_args(
+        ["--images", image_folder, "--prompts", "a photo of {}", "a rendering of {}",
+         "--resolution", str(RESOLUTION), "--random-weights", "--cache-latents"]
+    )  # fmt: skip
+    tokenizer = concept["tokenizer"]
+    datasets = ti.training_datasets(args, tokenizer, PLACEHOLDER, latent_encoder)
+    train_ds = ti.assemble_train_dataset(datasets, args.batch_size)
+    examples = list(train_ds.unbatch())
+    assert len(examples) == 2 * ti.PROMPT_REPEATS
+    prompts = collections.Counter(tuple(ids.numpy()) for _, ids in examples)
+    assert sorted(prompts.values()) == [ti.PROMPT_REPEATS] * 2
+    latents = np.stack([views.numpy() for views, _ in examples])
+    assert latents.shape[1:] == (LATENT_SIZE, LATENT_SIZE, 8)
+    # Random crops and flips: the 10 cached views of an image differ from one another.
+    views = ti.encode_views(ti.resolve_image_files([image_folder])[:1], RESOLUTION, latent_encoder)
+    assert views.shape[1] == ti.CACHED_VIEWS
+    assert len({view.tobytes() for view in views[0]}) == ti.CACHED_VIEWS
