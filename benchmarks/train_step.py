@@ -36,6 +36,13 @@ The last line printed is a one-line summary.
 Measured so far (128 px, batch 1, random weights; compare figures from one run only,
 as machines differ):
 
+- 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic, 2026-11-25, `python
+  benchmarks/train_step.py --steps 3 --sample-steps 0` (auto chose float32): tutorial
+  5392 ms/step, ours 4532 ms/step (0.84x). Where ours went: VAE encoder 569 ms, text
+  encoder forward and backward 550 ms, UNet forward 885 ms, UNet backward 2256 ms,
+  optimizer and the rest 273 ms; the floor (the UNet's forward and backward) 3140 ms,
+  so a step is 1.44x its floor. The UNet's backward costs 2.5 forwards.
+
 - 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic: tutorial 4607 ms/step, ours
   4037 ms/step (0.88x); sampling 2469 ms per diffusion step; peak RSS 7.5 GB. There
   `--xla on` made our step 2.2x slower (8865 ms, after a 102 s compile), and

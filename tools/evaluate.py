@@ -202,7 +202,7 @@ def evaluate(args):
         "text_similarity": float(np.mean([p["text_similarity"] for p in per_prompt])),
         "per_prompt": per_prompt,
         "clip_model": CLIP_PRESET + random_note,
-        "stable_diffusion": ti.BASE_MODEL + random_note,
+        "stable_diffusion": ti.base_model_name(args.base_model) + random_note,
         "num_images": args.num_images,
         "sample_steps": args.sample_steps,
         "seed": args.seed,
