@@ -2746,7 +2746,7 @@ def training_datasets(args, tokenizer, placeholder, latent_encoder=None):
     return datasets
 
 
-def trainer_class(args):
+def fine_tuner_class(args):
     if args.distribute:
         return DistributedFineTuner
     if args.gradient_accumulation_steps > 1:
@@ -2784,7 +2784,7 @@ def run_training(
             learning_rate,
             seed=args.seed,
             jit_compile=use_xla(args.xla, args.distribute),
-            trainer_class=trainer_class(args),
+            trainer_class=fine_tuner_class(args),
         )
     continue_from_step(trainer, initial_step)
     if args.cache_latents:

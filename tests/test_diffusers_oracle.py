@@ -273,7 +273,7 @@ def fill_non_weight(key):
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "sd1x-random.safetensors")
     spec = ldm_spec()
@@ -284,7 +284,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inputs():
     from keras_cv.models.stable_diffusion import SimpleTokenizer
 
@@ -323,7 +323,7 @@ def alphas_cumprod():
     return np.cumprod(1 - betas)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def torch_ref(ckpt, inputs, tmp_path_factory):
     """All reference outputs from diffusers/transformers; writes the diffusers folder; frees torch."""
     import torch
@@ -419,7 +419,7 @@ def torch_ref(ckpt, inputs, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def km(torch_ref, ckpt):
     """KerasCV models at 128 px (no downloads) loaded with load_base_model."""
     from keras_cv.models.stable_diffusion import Decoder, DiffusionModel, ImageEncoder, TextEncoder
@@ -479,7 +479,7 @@ def k_step(km, te_ext, inputs):
     return float(loss), grad
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def te_ext(km, inputs):
     """A copy of the loaded text encoder with one appended token initialised from 'cat'."""
     from keras_cv.models.stable_diffusion import TextEncoder
