@@ -17,10 +17,9 @@ thing trained, while the VAE, the UNet and every other token stay frozen. Afterw
     python textual_inversion.py --images my_photos/  # your own concept
     python textual_inversion.py --help               # every flag, with its default
 
-With no flags this is the keras.io tutorial, which reads top to bottom in the first
-part of this file. What goes beyond it follows in sections of its own, reached through
-flags; the command line comes last. `tools/generate.py` draws with a saved embedding,
-`tools/evaluate.py` scores it with CLIP.
+With no flags this is the keras.io tutorial, which reads top to bottom first; what goes
+beyond it follows, reached through flags; the command line comes last.
+`tools/generate.py` draws with a saved embedding, `tools/evaluate.py` scores it.
 """
 
 import argparse
@@ -406,12 +405,9 @@ GROUP_PROMPTS = [
 ]
 
 """
-... and the two datasets are concatenated into the training set, which is batched and
-shuffled once more. With the tutorial's images that is (25 + 25) prompts x 5 = 250
-steps an epoch.
-
-With a batch above 1, the image sets are mixed first, and the examples that do not fill
-a last batch are left out of that epoch.
+... and the two datasets are concatenated, batched and shuffled once more: (25 + 25)
+prompts x 5 = 250 steps an epoch. With a batch above 1, the sets are mixed first and
+the examples that do not fill a last batch are left out of that epoch.
 """
 
 
@@ -503,10 +499,9 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
 
 
 """
-Before training, a look at what StableDiffusion draws for the new token: still a cat,
-the word it started from. `draw_samples` draws 3 images of a prompt with a fixed seed
-(so that the token's progress is easy to follow), shows them, and keeps them as
-`samples/epoch-NNN_<prompt>.png`; epoch 0 is before training.
+Before training, StableDiffusion draws the new token as a cat, the word it started
+from. `draw_samples` draws 3 images of a prompt with a fixed seed into
+`samples/epoch-NNN_<prompt>.png` (epoch 0: before training).
 """
 
 SAMPLE_PROMPTS = [
@@ -529,19 +524,15 @@ def draw_samples(stable_diffusion, prompt, epoch, output_dir, steps=SAMPLE_STEPS
 The only part of the model textual inversion trains is the placeholder's embedding
 vector. The UNet, the VAE and the text encoder are frozen.
 
-Keras's `Adam` updates every row of a trainable variable, and its weight decay shrinks
-rows whose gradient is zero too: training the text encoder's whole 49,409 x 768 token
-matrix, as the tutorial did, slowly moves every other token. So the learned vector is a
-small variable of its own in the trainer below, and only its row of the frozen matrix
-is overwritten after each step.
+Keras's `Adam` weight-decays every row of a trainable variable, so training the whole
+49,409 x 768 token matrix, as the tutorial did, moves every other token too. The
+learned vector is a variable of its own, written into its row after each step.
 """
 
 
 def freeze_models(stable_diffusion):
-    stable_diffusion.text_encoder.trainable = False
-    stable_diffusion.image_encoder.trainable = False
-    stable_diffusion.diffusion_model.trainable = False
-    stable_diffusion.decoder.trainable = False
+    for model in sd_parts(stable_diffusion):
+        model.trainable = False
 
 
 """
@@ -554,8 +545,15 @@ A few utilities first:
   (`standard_normal(shape)` gives the noise for it).
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
   of timesteps, at once (the tutorial mapped over them one by one).
-- `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
+- `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`;
+  `latent_distribution_encoder` gives the VAE's mean and log-variance.
 """
+
+
+def latent_distribution_encoder(image_encoder):
+    """Without its last layer (which keeps the mean only, scaled), the image encoder
+    gives the mean and log-variance of the latent distribution."""
+    return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)
 
 
 def sample_from_encoder_outputs(outputs, standard_normal):
@@ -597,9 +595,7 @@ def placeholder_gradient(embedding_gradient, placeholder_token_ids):
 
 """
 Now the heart of textual inversion, `StableDiffusionFineTuner`: a `keras.Model` whose
-`train_step` trains the placeholder's embedding.
-
-In each step the frozen VAE encodes the training images into latents (a sample of the
+`train_step` trains the placeholder's embedding. In each step the frozen VAE encodes the training images into latents (a sample of the
 predicted distribution, scaled by 0.18215), random noise is added at a random
 timestep, and the frozen diffusion model predicts that noise, guided by the text
 encoder's encoding of the image's prompt. The loss is the mean squared error between
@@ -607,8 +603,7 @@ the true and the predicted noise. Its gradient reaches the token embedding matri
 through the text encoder; we keep only the placeholder's row of it, let the optimizer
 update the learned vector, and write that back into the matrix.
 
-The random numbers of a step come from the trainer's own seed generator, so a run
-repeats with the same seed. `step` counts the batches trained on.
+The step's random numbers come from the trainer's seed generator; `step` counts steps.
 """
 
 
@@ -620,12 +615,7 @@ class StableDiffusionFineTuner(keras.Model):
         self.stable_diffusion = stable_diffusion
         self.noise_scheduler = noise_scheduler
         self.placeholder_token_ids = ops.convert_to_tensor(placeholder_token_ids, dtype="int32")
-        # Leaving out the encoder's last layer (which keeps the mean only and scales
-        # it) gives the mean and log-variance of the latent distribution.
-        image_encoder = stable_diffusion.image_encoder
-        self.training_image_encoder = keras.Model(
-            image_encoder.inputs, image_encoder.layers[-2].output
-        )
+        self.training_image_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
         self.token_embedding = get_embedding_layer(stable_diffusion.text_encoder).token_embedding
         initial_vectors = ops.take(
             self.token_embedding.embeddings, self.placeholder_token_ids, axis=0
@@ -744,12 +734,13 @@ def build_trainer(
     learning_rate,
     seed=None,
     jit_compile=False,
-    trainer_class=StableDiffusionFineTuner,
+    trainer_class=None,
 ):
     noise_scheduler = NoiseScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", train_timesteps=1000
     )
-    trainer = trainer_class(
+    # The extras' trainers extend this one; the tutorial's is StableDiffusionFineTuner.
+    trainer = (trainer_class or StableDiffusionFineTuner)(
         stable_diffusion, noise_scheduler, placeholder_token_ids, seed=seed, name="trainer"
     )
     optimizer = keras.optimizers.Adam(
@@ -795,8 +786,6 @@ def generate_final_images(
 
 
 """
----
-
 # Beyond the tutorial
 
 The tutorial ends here. Everything below goes further, and is reached through flags
@@ -1529,22 +1518,25 @@ would draw, so 2 micro-batches of 1 take the very step one batch of 2 takes (tes
 """
 
 
+def rows_of_whole_draw(draw, shape, parts, part):
+    """Draws `shape`'s values for all `parts` parts of a batch; returns part `part`'s
+    rows. Each part then gets the random numbers the whole batch would give it."""
+    rows = shape[0]
+    return draw((rows * parts, *shape[1:]))[part * rows : (part + 1) * rows]
+
+
 class AccumulatingFineTuner(StableDiffusionFineTuner):
     def __init__(self, *args, accumulation_steps=2, **kwargs):
         super().__init__(*args, **kwargs)
         self.accumulation_steps = accumulation_steps
 
-    def rows_of_micro_batch(self, draw, shape):
-        """Draws `shape`'s values for the whole batch; returns this micro-batch's."""
-        rows = shape[0]
-        start = self.micro_batch * rows
-        return draw((rows * self.accumulation_steps, *shape[1:]))[start : start + rows]
-
     def standard_normal(self, shape):
-        return self.rows_of_micro_batch(super().standard_normal, shape)
+        draw = super().standard_normal
+        return rows_of_whole_draw(draw, shape, self.accumulation_steps, self.micro_batch)
 
     def random_timesteps(self, shape):
-        return self.rows_of_micro_batch(super().random_timesteps, shape)
+        draw = super().random_timesteps
+        return rows_of_whole_draw(draw, shape, self.accumulation_steps, self.micro_batch)
 
     def loss_and_gradient(self, images, token_ids):
         rows = images.shape[0] // self.accumulation_steps
@@ -1581,12 +1573,6 @@ same trade).
 """
 
 CACHED_VIEWS = 10
-
-
-def latent_distribution_encoder(image_encoder):
-    """The image encoder without its last layer: the mean and log-variance of the
-    latent distribution, as the trainer uses it."""
-    return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)
 
 
 def encode_views(image_files, resolution, latent_encoder, views=CACHED_VIEWS, augment=None):
@@ -1670,12 +1656,9 @@ test does.
 
 class DistributedFineTuner(StableDiffusionFineTuner):
     def rows_of_this_replica(self, draw, shape):
-        """Draws `shape`'s values for the whole global batch; returns this replica's."""
         replica = tf.distribute.get_replica_context()
-        batch_size = shape[0]
-        global_shape = (batch_size * replica.num_replicas_in_sync, *shape[1:])
-        start = replica.replica_id_in_sync_group * batch_size
-        return draw(global_shape)[start : start + batch_size]
+        parts, part = replica.num_replicas_in_sync, replica.replica_id_in_sync_group
+        return rows_of_whole_draw(draw, shape, parts, part)
 
     def standard_normal(self, shape):
         return self.rows_of_this_replica(super().standard_normal, shape)

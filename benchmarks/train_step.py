@@ -86,7 +86,9 @@ def parse_args(argv=None):
         description="Time the tutorial's textual inversion train step against ours.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument(
+        "--resolution", type=int, default=128, help="Image size in pixels, a multiple of 128."
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -114,7 +116,12 @@ def parse_args(argv=None):
         "hardware); the tutorial's code is float32 only, so with a mixed policy it gets "
         "models of its own, in float32.",
     )
-    parser.add_argument("--xla", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--xla",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Compile both trainers with XLA; auto: on a GPU only.",
+    )
     parser.add_argument(
         "--cache-latents",
         action="store_true",
