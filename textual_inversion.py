@@ -46,7 +46,6 @@ import safetensors
 import safetensors.numpy
 import tensorflow as tf
 from keras import ops
-from keras_cv import layers as cv_layers
 from keras_cv.models.stable_diffusion import NoiseScheduler
 
 if not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
@@ -287,40 +286,38 @@ def load_images(files, resolution):
             ) from None
         images.append(ops.convert_to_numpy(resize(image)))
     # The StableDiffusion image encoder expects pixel values in [-1, 1].
-    return np.array(images) / 127.5 - 1
+    return (np.array(images) / 127.5 - 1).astype("float32")
 
 
 """
-The image dataset is shuffled, and every time an image is used it gets some random
-noise: a random crop (80 to 100% of its area) and a random horizontal flip. The
-augmentation runs one image at a time: in parallel, which image gets which crop would
-change from run to run.
+Every time an image is used it gets some random noise: a random square crop of 80 to
+100% of its area, resized back, and a horizontal flip half of the time. The tutorial's
+KerasCV layers (`RandomCropAndResize`, `RandomFlip`) draw these from a generator that
+moves on with every image; we make the same crops and flips with *stateless* random
+ops, from a seed that comes with the image. A run then repeats step by step, and a
+stopped run can resume exactly where it stopped.
 """
 
 
-def augmentation_layers(resolution):
-    return [
-        cv_layers.RandomCropAndResize(
-            target_size=(resolution, resolution),
-            crop_area_factor=(0.8, 1.0),
-            aspect_ratio_factor=(1.0, 1.0),
-        ),
-        cv_layers.RandomFlip(mode="horizontal"),
-    ]
+def random_crop_box(seed):
+    """[y1, x1, y2, x2], in fractions of the image, of a square of 80 to 100% of it."""
+    area_seed, corner_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    side = tf.sqrt(tf.random.stateless_uniform((), area_seed, minval=0.8, maxval=1.0))
+    corner = tf.random.stateless_uniform((2,), corner_seed, maxval=1.0 - side)
+    return tf.concat([corner, corner + side], axis=0)
 
 
-def assemble_image_dataset(image_files, resolution):
-    images = load_images(image_files, resolution)
-    image_dataset = tf.data.Dataset.from_tensor_slices(images.astype("float32"))
-    image_dataset = image_dataset.shuffle(50, reshuffle_each_iteration=True)
-    for augmentation in augmentation_layers(resolution):
-        image_dataset = image_dataset.map(augmentation)
-    return image_dataset
+def augment(image, seed):
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    box = random_crop_box(crop_seed)
+    image = tf.image.crop_and_resize(image[None], box[None], [0], image.shape[:2])[0]
+    flip = tf.random.stateless_uniform((), flip_seed) < 0.5
+    return tf.where(flip, tf.image.flip_left_right(image), image)
 
 
 """
-Next the text dataset: each prompt template gets the placeholder token in place of `{}`,
-is tokenized, and padded with the end-of-text token to the text encoder's fixed length
+Next the text: each prompt template gets the placeholder token in place of `{}`, is
+tokenized, and is padded with the end-of-text token to the text encoder's fixed length
 of 77.
 """
 
@@ -336,29 +333,39 @@ def encode_prompt(tokenizer, prompt):
     return np.array(token_ids + padding, dtype="int32")
 
 
-def assemble_text_dataset(prompts, tokenizer, placeholder_token):
-    prompts = [prompt.format(placeholder_token) for prompt in prompts]
-    token_ids = np.stack([encode_prompt(tokenizer, prompt) for prompt in prompts])
-    text_dataset = tf.data.Dataset.from_tensor_slices(token_ids)
-    text_dataset = text_dataset.shuffle(100, reshuffle_each_iteration=True)
-    return text_dataset
+def encode_prompts(tokenizer, templates, placeholder_token):
+    prompts = [template.replace("{}", placeholder_token) for template in templates]
+    return np.stack([encode_prompt(tokenizer, prompt) for prompt in prompts])
 
 
 """
-Then we zip the two into text-image pairs. The image dataset is short, so it repeats to
-match the prompts; the prompts, which set the length of an epoch, repeat 5 times (the
-tutorial's authors found this anecdotally improves results).
+The images and the prompts of the photos of one cat doll make a set of text-image
+pairs. In an epoch each prompt is used 5 times (the tutorial's authors found this
+anecdotally improves results), in a shuffled order, and the images take turns beside
+them, shuffled again for every pass over them. `epoch_pairs` draws one epoch's pairs of
+a set, as indices, from a NumPy random generator.
 """
 
 PROMPT_REPEATS = 5
 
 
+class TextImagePairs(NamedTuple):
+    images: np.ndarray  # [images, resolution, resolution, 3], in [-1, 1]
+    token_ids: np.ndarray  # [prompts, 77]
+
+
 def assemble_dataset(image_files, prompts, tokenizer, placeholder_token, resolution):
-    image_dataset = assemble_image_dataset(image_files, resolution)
-    text_dataset = assemble_text_dataset(prompts, tokenizer, placeholder_token)
-    image_dataset = image_dataset.repeat()
-    text_dataset = text_dataset.repeat(PROMPT_REPEATS)
-    return tf.data.Dataset.zip((image_dataset, text_dataset))
+    images = load_images(image_files, resolution)
+    return TextImagePairs(images, encode_prompts(tokenizer, prompts, placeholder_token))
+
+
+def epoch_pairs(pairs, rng):
+    """(image indices, prompt indices) of one epoch of `pairs`, side by side."""
+    prompt_ids = [rng.permutation(len(pairs.token_ids)) for _ in range(PROMPT_REPEATS)]
+    prompt_ids = np.concatenate(prompt_ids)
+    passes = math.ceil(len(prompt_ids) / len(pairs.images))
+    image_ids = np.concatenate([rng.permutation(len(pairs.images)) for _ in range(passes)])
+    return image_ids[: len(prompt_ids)], prompt_ids
 
 
 """
@@ -405,27 +412,60 @@ GROUP_PROMPTS = [
 ]
 
 """
-... and the two datasets are concatenated, batched and shuffled once more: (25 + 25)
-prompts x 5 = 250 steps an epoch. With a batch above 1, the sets are mixed first and
-the examples that do not fill a last batch are left out of that epoch.
+... and the two sets make up each epoch together: (25 + 25) prompts x 5 = 250
+examples, shuffled, in batches of `BATCH_SIZE`: 250 steps an epoch. (With a batch above
+1, the examples that do not fill a last batch are left out of that epoch.) The order of
+an epoch comes from a random generator seeded with (seed, epoch), so any epoch of a run
+can be drawn again on its own.
 """
 
 
-def assemble_train_dataset(datasets, batch_size=BATCH_SIZE):
-    train_ds = datasets[0]
-    for dataset in datasets[1:]:
-        train_ds = train_ds.concatenate(dataset)
-    examples = int(train_ds.cardinality())
-    if batch_size > examples:
-        raise UserError(
-            f"--batch-size {batch_size} is more than the {examples} examples of an "
-            f"epoch; use {examples} or less."
-        )
-    if batch_size > 1:
-        train_ds = train_ds.shuffle(examples, reshuffle_each_iteration=True)
-    train_ds = train_ds.batch(batch_size, drop_remainder=True)
-    train_ds = train_ds.shuffle(train_ds.cardinality(), reshuffle_each_iteration=True)
-    return train_ds
+def steps_per_epoch(sets, batch_size=BATCH_SIZE):
+    return sum(len(pairs.token_ids) * PROMPT_REPEATS for pairs in sets) // batch_size
+
+
+def epoch_order(sets, seed, epoch, batch_size=BATCH_SIZE):
+    """The epoch's examples in training order, as indices into all the sets' images and
+    all their prompts, one after the other."""
+    rng = np.random.default_rng([seed, epoch])
+    drawn = [epoch_pairs(each, rng) for each in sets]
+    image_starts = np.cumsum([0] + [len(pairs.images) for pairs in sets])
+    prompt_starts = np.cumsum([0] + [len(pairs.token_ids) for pairs in sets])
+    image_ids = np.concatenate([ids + start for (ids, _), start in zip(drawn, image_starts)])
+    prompt_ids = np.concatenate([ids + start for (_, ids), start in zip(drawn, prompt_starts)])
+    order = rng.permutation(len(prompt_ids))[: steps_per_epoch(sets, batch_size) * batch_size]
+    return image_ids[order], prompt_ids[order]
+
+
+"""
+The training dataset is the run's examples, epoch after epoch, in batches: example
+number `n` of the run is augmented with the seed (seed, n). Every batch of the run is
+thus a function of the seed alone; `first_step` starts the dataset at any step, which
+is how a resumed run picks up the very batch it stopped at. The augmentation can run in
+parallel, as each example brings its own seed.
+"""
+
+
+def assemble_train_dataset(
+    sets, batch_size=BATCH_SIZE, seed=SEED, epochs=EPOCHS, first_step=0, augment=augment
+):
+    orders = [epoch_order(sets, seed, epoch, batch_size) for epoch in range(epochs)]
+    image_ids = np.concatenate([image_ids for image_ids, _ in orders])
+    prompt_ids = np.concatenate([prompt_ids for _, prompt_ids in orders])
+    example_numbers = np.arange(len(image_ids), dtype="int64")
+    images = tf.constant(np.concatenate([pairs.images for pairs in sets]))
+    token_ids = tf.constant(np.concatenate([pairs.token_ids for pairs in sets]))
+
+    def make_example(image_id, prompt_id, example_number):
+        example_seed = tf.stack([tf.constant(seed, "int64"), example_number])
+        return augment(tf.gather(images, image_id), example_seed), tf.gather(token_ids, prompt_id)
+
+    first = first_step * batch_size
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (image_ids[first:], prompt_ids[first:], example_numbers[first:])
+    )
+    dataset = dataset.map(make_example, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 """
@@ -750,10 +790,16 @@ def build_trainer(
     return trainer
 
 
-def train(trainer, train_ds, epochs=EPOCHS, callbacks=(), **fit_options):
-    # The dataset shuffles itself; `shuffle=False` only tells Keras so.
+def train(trainer, train_ds, steps_per_epoch, epochs=EPOCHS, callbacks=(), **fit_options):
+    # The dataset holds the whole run, already shuffled: Keras is told where an epoch
+    # ends, and that the data needs no shuffling of its own.
     return trainer.fit(
-        train_ds, epochs=epochs, callbacks=list(callbacks), shuffle=False, **fit_options
+        train_ds,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=list(callbacks),
+        shuffle=False,
+        **fit_options,
     )
 
 
@@ -838,7 +884,8 @@ def resolve_image_files(sources, download=True):
 **Captions.** The tutorial's lesson is that accurate prompts matter. An image `x.jpg`
 with a text file `x.txt` beside it trains with that caption, `{}` standing for the
 token ("a photo of {} asleep on a red sofa"), instead of the generic prompts. Each
-captioned image appears 5 times an epoch, like each generic prompt.
+captioned image makes a set of its own, one image with one prompt, and so appears 5
+times an epoch, like each generic prompt.
 """
 
 
@@ -857,17 +904,10 @@ def read_caption(image_path):
 
 
 def assemble_captioned_dataset(files, captions, tokenizer, placeholder_token, resolution):
-    images = load_images(files, resolution).astype("float32")
-    token_ids = np.stack(
-        [encode_prompt(tokenizer, caption.replace("{}", placeholder_token)) for caption in captions]
-    )
-    dataset = tf.data.Dataset.from_tensor_slices((images, token_ids))
-    dataset = dataset.shuffle(50, reshuffle_each_iteration=True)
-    for augmentation in augmentation_layers(resolution):
-        dataset = dataset.map(
-            lambda image, ids, augmentation=augmentation: (augmentation(image), ids)
-        )
-    return dataset.repeat(PROMPT_REPEATS)
+    """One set of pairs per image: the image and its own caption."""
+    images = load_images(files, resolution)
+    token_ids = encode_prompts(tokenizer, captions, placeholder_token)
+    return [TextImagePairs(images[i : i + 1], token_ids[i : i + 1]) for i in range(len(files))]
 
 
 """
@@ -1054,25 +1094,190 @@ def load_embedding(path):
     return LearnedEmbedding(token, vectors, metadata)
 
 
-class SaveEmbedding(keras.callbacks.Callback):
-    """Saves the learned embedding every `every` epochs and when training ends."""
+"""
+**The training state.** The vector alone does not let a run go on as if it had never
+stopped: Adam's moments, the random state that draws the noise and the timesteps, and
+the run's place in its data matter too. So `training_state.safetensors` goes beside
+the embedding: the learned vectors, the step, the trainer's seed-generator state, and
+every variable of the optimizer (its iteration count, its moments and, under
+mixed_float16, its loss scale). The data needs no saving, as every batch is a function
+of the seed and the step. The embedding stays the single tensor other tools load.
 
-    def __init__(self, path, token, every, metadata):
+Both files are saved every `--save-every-steps` steps, every `--save-every` epochs, and
+whenever training stops, each written to a `.partial` file first and then renamed over
+the old one. A run killed at any moment (kill -9, an out-of-memory kill, a Colab
+session that disconnects) leaves the files of its last save whole; a save that fails
+(a full disk) leaves them as they were. The state is renamed first, and holds the
+vectors too: on resume it is what counts.
+
+A state fits only the run that saved it: `run_fingerprint` records what must not
+change (the training images and prompts, the batch, the precision, the number of
+vectors, the seed, ...).
+"""
+
+TRAINING_STATE_FILE = "training_state.safetensors"
+SAVE_EVERY_STEPS = 10
+
+
+def run_fingerprint(args, sets, precision, placeholder_token, num_vectors):
+    data = hashlib.sha256()
+    for pairs in sets:
+        data.update(np.ascontiguousarray(pairs.images).tobytes())
+        data.update(np.ascontiguousarray(pairs.token_ids).tobytes())
+    return {
+        "token": placeholder_token,
+        "images and prompts": data.hexdigest()[:16],
+        "--batch-size": args.batch_size,
+        "--gradient-accumulation-steps": args.gradient_accumulation_steps,
+        "--precision": precision,
+        "--num-vectors": num_vectors,
+        "--seed": args.seed,
+        "--cache-latents": args.cache_latents,
+        "--base-model": base_model_name(args.base_model),
+        "--random-weights": args.random_weights,
+    }
+
+
+def build_optimizer(trainer):
+    """Keras builds an optimizer's variables at its first step; a state saved or
+    restored before it needs them now."""
+    if not trainer.optimizer.built:
+        with trainer.distribute_strategy.scope():
+            trainer.optimizer.build([trainer.learned_embedding])
+
+
+def training_state(trainer):
+    """The trainer's whole state, as NumPy arrays by name."""
+    build_optimizer(trainer)
+    state = {
+        "learned_embedding": ops.convert_to_numpy(trainer.learned_embedding),
+        "step": ops.convert_to_numpy(trainer.step),
+        "seed_generator_state": ops.convert_to_numpy(trainer.seed_generator.state),
+    }
+    for index, variable in enumerate(trainer.optimizer.variables):
+        state[f"optimizer/{index:03d}/{variable.path}"] = ops.convert_to_numpy(variable)
+    return state
+
+
+def restore_training_state(trainer, state):
+    optimizer_keys = sorted(key for key in state if key.startswith("optimizer/"))
+    build_optimizer(trainer)
+    with trainer.distribute_strategy.scope():
+        variables = trainer.optimizer.variables
+        shapes = [tuple(variable.shape) for variable in variables]
+        if shapes != [tuple(state[key].shape) for key in optimizer_keys]:
+            raise UserError(
+                "The training state does not fit this run's optimizer; resume with the "
+                "settings of the run that saved it."
+            )
+        for variable, key in zip(variables, optimizer_keys):
+            variable.assign(state[key])
+        trainer.learned_embedding.assign(state["learned_embedding"])
+        trainer.write_learned_embedding()
+        trainer.step.assign(state["step"])
+        trainer.seed_generator.state.assign(state["seed_generator_state"])
+
+
+def save_training(output_dir, token, trainer, metadata, fingerprint):
+    """Writes the training state, then the embedding, each all or nothing."""
+    state_path = os.path.join(output_dir, TRAINING_STATE_FILE)
+    embedding_path = os.path.join(output_dir, EMBEDDING_FILE)
+    state = training_state(trainer)
+    try:
+        safetensors.numpy.save_file(
+            state, state_path + ".partial", metadata={"run": json.dumps(fingerprint)}
+        )
+        save_embedding(embedding_path + ".partial", token, state["learned_embedding"], metadata)
+        os.replace(state_path + ".partial", state_path)
+        os.replace(embedding_path + ".partial", embedding_path)
+    finally:
+        for path in (state_path + ".partial", embedding_path + ".partial"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def load_training_state(path, fingerprint):
+    """The state saved at `path`, or None if there is none; a state of another run is
+    refused."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            saved = json.loads((f.metadata() or {})["run"])
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:
+        raise UserError(
+            f"The training state {path} cannot be read ({error}); delete it to resume "
+            "from the embedding alone."
+        ) from None
+    for key, value in fingerprint.items():
+        if saved.get(key) != value:
+            what = (
+                f"other {key}"
+                if key in ("token", "images and prompts")
+                else f"{key} {saved.get(key)}"
+            )
+            raise UserError(
+                f"The training state {path} was saved by a run with {what}, not this "
+                f"one's; resume with that run's settings, or delete {path} to resume "
+                "from the embedding alone."
+            )
+    return state
+
+
+def resume_state(embedding_path, resumed, fingerprint):
+    """The training state saved beside the embedding to resume, if there is one; says
+    which way the run resumes."""
+    state_path = os.path.join(os.path.dirname(embedding_path), TRAINING_STATE_FILE)
+    state = load_training_state(state_path, fingerprint)
+    if state:
+        print(
+            f"Resuming step {int(state['step'])} with its training state ({state_path}): "
+            "the run goes on as if it had not stopped."
+        )
+    else:
+        print(
+            f"No {TRAINING_STATE_FILE} beside {embedding_path}: resuming its vectors and "
+            f"step ({resumed.metadata.get('step', 0)}); Adam's moments and the random "
+            "state of the noise start afresh."
+        )
+    return state
+
+
+class SaveEmbedding(keras.callbacks.Callback):
+    """Saves the learned embedding and the training state every `every_epochs` epochs,
+    every `every_steps` steps, and when training ends."""
+
+    def __init__(self, output_dir, token, metadata, fingerprint, every_epochs, every_steps):
         super().__init__()
-        self.path = path
-        self.token = token
-        self.every = every
-        self.metadata = metadata
-        self.epoch = 0
+        self.output_dir, self.token = output_dir, token
+        self.metadata, self.fingerprint = metadata, fingerprint
+        self.every_epochs, self.every_steps = every_epochs, every_steps
+        self.saved_step = None
 
     def save(self):
         step = int(self.model.step.numpy())
-        metadata = dict(self.metadata, step=step, epoch=self.epoch)
-        save_embedding(self.path, self.token, self.model.learned_embedding.numpy(), metadata)
+        if step == self.saved_step:
+            return
+        metadata = dict(self.metadata, step=step)
+        try:
+            save_training(self.output_dir, self.token, self.model, metadata, self.fingerprint)
+        except (OSError, safetensors.SafetensorError) as error:
+            kept = f"step {self.saved_step}" if self.saved_step else "the last save"
+            embedding_path = os.path.join(self.output_dir, EMBEDDING_FILE)
+            raise UserError(
+                f"Saving step {step} into {self.output_dir} failed ({error}); the files of "
+                f"{kept} are kept there: make room and continue with --resume "
+                f"{embedding_path}."
+            ) from None
+        self.saved_step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_steps and int(self.model.step.numpy()) % self.every_steps == 0:
+            self.save()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.epoch = epoch + 1
-        if self.every and self.epoch % self.every == 0:
+        if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
             self.save()
 
     def on_train_end(self, logs=None):
@@ -1151,7 +1356,7 @@ class StopAfterSteps(keras.callbacks.Callback):
 **Interruptions.** Ctrl-C or SIGTERM ends training after the current step, and the
 embedding reached so far is saved as at any end of training; a second Ctrl-C stops at
 once. A loss (or vector) that stops being finite ends training too, and the last good
-vector, not the broken one, is put back and saved.
+state, not the broken one, is put back and saved.
 """
 
 
@@ -1188,8 +1393,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self.remember_good_state()
 
     def remember_good_state(self):
-        self.good_vector = self.model.learned_embedding.numpy()
-        self.good_step = int(self.model.step.numpy())
+        self.good_state = training_state(self.model)  # a few small arrays
+        self.good_step = int(self.good_state["step"])
 
     def on_train_batch_end(self, batch, logs=None):
         vector = self.model.learned_embedding.numpy()
@@ -1197,10 +1402,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             self.remember_good_state()
             return
         self.failed_step = int(self.model.step.numpy())
-        with self.model.distribute_strategy.scope():
-            self.model.learned_embedding.assign(self.good_vector)
-            self.model.write_learned_embedding()
-            self.model.step.assign(self.good_step)
+        restore_training_state(self.model, self.good_state)
         self.model.stop_training = True
 
 
@@ -1222,16 +1424,18 @@ class StepProgressBar(keras.callbacks.Callback):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
+        self.epochs_to_run = None
 
     def on_train_begin(self, logs=None):
-        remaining = self.total_steps - int(self.model.step.numpy())
-        self.epochs_to_run = math.ceil(remaining / self.steps_per_epoch)
-        self.epochs_begun = 0
+        if self.epochs_to_run is None:  # a resumed run may call `fit` twice
+            first_epoch = int(self.model.step.numpy()) // self.steps_per_epoch
+            self.epochs_to_run = math.ceil(self.total_steps / self.steps_per_epoch) - first_epoch
+            self.epochs_begun = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs_begun += 1
-        remaining = self.total_steps - int(self.model.step.numpy())
-        self.steps_this_epoch = min(self.steps_per_epoch, remaining)
+        end_of_epoch = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+        self.steps_this_epoch = end_of_epoch - int(self.model.step.numpy())
         print(f"Epoch {epoch + 1} ({self.epochs_begun} of {self.epochs_to_run} in this run)")
         self.bar = keras.utils.Progbar(self.steps_this_epoch, stateful_metrics=["loss"])
 
@@ -1241,7 +1445,7 @@ class StepProgressBar(keras.callbacks.Callback):
 
 """
 **The loss** of every step goes to `loss.csv` (step, epoch, loss, seconds) and, at the
-end, to `loss.png`. A real run's loss is noisy from step to step, as each step draws a
+end, to `loss.png`. A resumed run first cuts the log back to the step it resumes from. A real run's loss is noisy from step to step, as each step draws a
 new timestep and noise; the plot adds a running mean.
 """
 
@@ -1274,7 +1478,7 @@ class LossLogger(keras.callbacks.Callback):
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([step, self.epoch, float(logs["step_loss"]), round(seconds, 4)])
 
-    def on_train_end(self, logs=None):
+    def print_step_time(self):
         if len(self.step_seconds) > 1:
             # The first step also traces (and compiles) the train step: leave it out.
             print(
@@ -1282,6 +1486,20 @@ class LossLogger(keras.callbacks.Callback):
                 f"{1000 * np.median(self.step_seconds[1:]):.0f} ms/step (median; the "
                 f"first step, which traces the model, took {self.step_seconds[0]:.1f} s)."
             )
+
+
+def cut_loss_log(path, step):
+    """Keeps the rows of the steps up to `step`, which a resumed run goes on from: a
+    run killed after its last save logged steps that the resumed run takes again."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    kept = [row for row in rows if len(row) == len(header) and row[0].isdigit()]
+    kept = [row for row in kept if int(row[0]) <= step]
+    with open(path + ".partial", "w", newline="") as f:
+        csv.writer(f).writerows([header, *kept])
+    os.replace(path + ".partial", path)
 
 
 def plot_loss(csv_path, png_path):
@@ -1508,6 +1726,155 @@ def use_xla(xla_flag, distribute=False):
 
 
 """
+**The UNet's backward.** Textual inversion needs the gradient of the loss with respect
+to the text context only: back through every UNet layer that follows a cross-attention,
+input gradients all the way, and no weight gradients (TensorFlow prunes those). Yet a
+profile of a float32 step at 128 px on a 2-core AVX2 CPU found the UNet's backward
+costing 2.9 forwards, two thirds of it in `Conv2DBackpropInput` and most of the rest in
+the transposed `MatMul`s of the Dense layers' input gradients. TensorFlow's CPU kernels
+for these are 3 to 10 times slower than the forward op when a layer sees few pixels or
+tokens: the UNet's 4x4 and 2x2 levels at 128 px (and its 8x8 level at 512 px). The
+same numbers come from a plain matmul with the kernel on the left and, for a
+convolution, a sum of the kernel taps' shifted slices ("col2im").
+
+`use_fast_input_gradients` gives the UNet's Conv2D and Dense layers that gradient where
+they see at most `FAST_GRADIENT_ROWS` rows (batch x pixels, or batch x tokens); the
+forward ops are TensorFlow's own. The UNet's backward then cost about one forward (872
+against 2617 ms in the profile's process). It applies on a CPU in float32 without XLA,
+the case we measured; on a GPU cuDNN's kernels stay.
+"""
+
+FAST_GRADIENT_ROWS = 128
+
+
+def kernel_first_matmul(kernel_2d, upstream_2d):
+    """upstream_2d @ kernel_2d.T, computed as (kernel_2d @ upstream_2d.T).T."""
+    return tf.transpose(tf.matmul(kernel_2d, upstream_2d, transpose_b=True))
+
+
+def dilate(tensor, stride):
+    """Puts stride - 1 zeros after every pixel of [batch, height, width, channels]."""
+    if stride == 1:
+        return tensor
+    _, height, width, channels = tensor.shape
+    spread = tf.pad(
+        tensor[:, :, None, :, None],
+        [[0, 0], [0, 0], [0, stride - 1], [0, 0], [0, stride - 1], [0, 0]],
+    )
+    return tf.reshape(spread, [-1, height * stride, width * stride, channels])
+
+
+def conv_input_gradient(kernel, upstream, input_shape, stride):
+    """The gradient of a "valid" convolution with respect to its input (col2im)."""
+    kernel_height, kernel_width, in_channels, out_channels = kernel.shape
+    _, height, width, _ = input_shape
+    _, out_height, out_width, _ = upstream.shape
+    columns = kernel_first_matmul(
+        ops.reshape(kernel, (-1, out_channels)), ops.reshape(upstream, (-1, out_channels))
+    )
+    columns = ops.reshape(
+        columns, (-1, out_height, out_width, kernel_height * kernel_width, in_channels)
+    )
+    taps = []
+    for i in range(kernel_height):
+        for j in range(kernel_width):
+            tap = dilate(columns[:, :, :, i * kernel_width + j], stride)
+            below, right = height - i - tap.shape[1], width - j - tap.shape[2]
+            tap = tf.pad(tap, [[0, 0], [i, max(below, 0)], [j, max(right, 0)], [0, 0]])
+            taps.append(tap[:, :height, :width])
+    return tf.add_n(taps)
+
+
+def rows_of(shape):
+    return math.prod(shape[:-1]) if None not in shape[:-1] else None
+
+
+def convolution_with_fast_input_gradient(stride):
+    @tf.custom_gradient
+    def convolve(x, kernel, bias):
+        y = tf.nn.bias_add(tf.nn.conv2d(x, kernel, stride, "VALID"), bias)
+
+        def gradient(upstream):
+            strides = [1, stride, stride, 1]
+            rows = rows_of(upstream.shape)
+            if rows is not None and rows <= FAST_GRADIENT_ROWS:
+                x_gradient = conv_input_gradient(kernel, upstream, x.shape, stride)
+            else:
+                x_gradient = tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=tf.shape(x), filter=kernel, out_backprop=upstream,
+                    strides=strides, padding="VALID",
+                )  # fmt: skip
+            kernel_gradient = tf.raw_ops.Conv2DBackpropFilter(
+                input=x, filter_sizes=tf.shape(kernel), out_backprop=upstream,
+                strides=strides, padding="VALID",
+            )  # fmt: skip
+            return x_gradient, kernel_gradient, tf.reduce_sum(upstream, axis=[0, 1, 2])
+
+        return y, gradient
+
+    return convolve
+
+
+CONVOLUTIONS = {stride: convolution_with_fast_input_gradient(stride) for stride in (1, 2)}
+
+
+@tf.custom_gradient
+def dense_with_fast_input_gradient(x, kernel, bias):
+    in_features, out_features = kernel.shape
+    x_2d = tf.reshape(x, (-1, in_features))
+    y_2d = tf.nn.bias_add(tf.matmul(x_2d, kernel), bias)
+    y = tf.reshape(y_2d, tf.concat([tf.shape(x)[:-1], [out_features]], axis=0))
+
+    def gradient(upstream):
+        upstream_2d = tf.reshape(upstream, (-1, out_features))
+        rows = rows_of(x.shape)
+        if rows is not None and rows <= FAST_GRADIENT_ROWS:
+            x_gradient = kernel_first_matmul(kernel, upstream_2d)
+        else:
+            x_gradient = tf.matmul(upstream_2d, kernel, transpose_b=True)
+        kernel_gradient = tf.matmul(x_2d, upstream_2d, transpose_a=True)
+        bias_gradient = tf.reduce_sum(upstream_2d, axis=0)
+        return tf.reshape(x_gradient, tf.shape(x)), kernel_gradient, bias_gradient
+
+    return y, gradient
+
+
+class FastGradientConv2D(keras.layers.Conv2D):
+    def call(self, inputs):
+        bias = self.bias if self.use_bias else ops.zeros((self.filters,), inputs.dtype)
+        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(bias)
+        y = CONVOLUTIONS[self.strides[0]](inputs, kernel, bias)
+        return self.activation(y)
+
+
+class FastGradientDense(keras.layers.Dense):
+    def call(self, inputs, training=None):
+        bias = self.bias if self.use_bias else ops.zeros((self.units,), inputs.dtype)
+        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(bias)
+        y = dense_with_fast_input_gradient(inputs, kernel, bias)
+        return self.activation(y)
+
+
+def use_fast_input_gradients(diffusion_model):
+    """Gives the UNet's plain Conv2D and Dense layers the fast input gradient, in place
+    (the same weights); before the train step is traced. Returns how many."""
+    swapped = 0
+    for layer in diffusion_model._flatten_layers(include_self=False):
+        if type(layer) is keras.layers.Conv2D and layer.padding == "valid":
+            if layer.strides[0] == layer.strides[1] and layer.strides[0] in CONVOLUTIONS:
+                layer.__class__ = FastGradientConv2D
+                swapped += 1
+        elif type(layer) is keras.layers.Dense:
+            layer.__class__ = FastGradientDense
+            swapped += 1
+    return swapped
+
+
+def fast_gradients_apply(precision, jit_compile):
+    return precision == "float32" and not jit_compile and not tf.config.list_physical_devices("GPU")
+
+
+"""
 **Gradient accumulation.** `--gradient-accumulation-steps N` splits each batch of
 `--batch-size` images into N micro-batches, run one after the other, and updates the
 vector once with their mean gradient: a batch of 4 then needs the memory of a batch of
@@ -1575,48 +1942,39 @@ same trade).
 CACHED_VIEWS = 10
 
 
-def encode_views(image_files, resolution, latent_encoder, views=CACHED_VIEWS, augment=None):
+def encode_views(images, latent_encoder, seed=SEED, views=CACHED_VIEWS, augment=augment):
     """The encoder's outputs for `views` augmented views of each image, as an array
-    [images, views, resolution / 8, resolution / 8, 8]."""
-    layers = augmentation_layers(resolution)
-    augment = augment or (lambda image: functools.reduce(lambda x, layer: layer(x), layers, image))
-    images = load_images(image_files, resolution).astype("float32")
+    [images, views, resolution / 8, resolution / 8, 8]. View v of image i is augmented
+    with the seed (seed, i * views + v), so the same seed caches the same views."""
     progress = keras.utils.Progbar(len(images) * views, unit_name="view")
     print(f"Caching the latents of {views} views of {len(images)} images:")
-    encoded = []
-    for image in images:
-        outputs = []
-        for _ in range(views):
-            view = ops.convert_to_numpy(augment(image))
-            outputs.append(ops.convert_to_numpy(latent_encoder(view[None], training=False))[0])
+    encoded = np.zeros((len(images), views, *latent_encoder.output.shape[1:]), "float32")
+    for i, image in enumerate(images):
+        for v in range(views):
+            view = augment(image, tf.constant([seed, i * views + v], "int64"))
+            encoded[i, v] = ops.convert_to_numpy(latent_encoder(view[None], training=False))[0]
             progress.add(1)
-        encoded.append(np.stack(outputs))
-    return np.stack(encoded).astype("float32")
+    return encoded
 
 
-def random_view(views):
-    return views[tf.random.uniform((), 0, tf.shape(views)[0], dtype="int32")]
+def cache_latents(sets, latent_encoder, seed=SEED, views=CACHED_VIEWS):
+    """The sets with the encoder's outputs for cached views in place of the images."""
+    encoded = encode_views(
+        np.concatenate([pairs.images for pairs in sets]), latent_encoder, seed, views
+    )
+    ends = np.cumsum([len(pairs.images) for pairs in sets])
+    starts = ends - [len(pairs.images) for pairs in sets]
+    return [
+        TextImagePairs(encoded[start:end], pairs.token_ids)
+        for start, end, pairs in zip(starts, ends, sets)
+    ]
 
 
-def assemble_cached_dataset(views, prompts, captions, tokenizer, placeholder_token):
-    """`assemble_dataset` (or, with captions, `assemble_captioned_dataset`) with a
-    random cached view of each image in place of a random crop of it."""
-    if captions:
-        token_ids = np.stack(
-            [
-                encode_prompt(tokenizer, caption.replace("{}", placeholder_token))
-                for caption in captions
-            ]
-        )
-        dataset = tf.data.Dataset.from_tensor_slices((views, token_ids))
-        dataset = dataset.shuffle(50, reshuffle_each_iteration=True)
-        return dataset.map(lambda image_views, ids: (random_view(image_views), ids)).repeat(
-            PROMPT_REPEATS
-        )
-    view_dataset = tf.data.Dataset.from_tensor_slices(views)
-    view_dataset = view_dataset.shuffle(50, reshuffle_each_iteration=True).map(random_view)
-    text_dataset = assemble_text_dataset(prompts, tokenizer, placeholder_token)
-    return tf.data.Dataset.zip((view_dataset.repeat(), text_dataset.repeat(PROMPT_REPEATS)))
+def pick_cached_view(views, seed):
+    """`assemble_train_dataset`'s augmentation with cached latents: one of the image's
+    cached views, chosen by the example's seed."""
+    view = tf.random.stateless_uniform((), seed, 0, views.shape[0], dtype="int32")
+    return views[view]
 
 
 def use_cached_latents(trainer):
@@ -1642,11 +2000,10 @@ with three things changed:
   the strategy (a `merge_call`), so that the copies stay equal.
 
 So 2 devices with 1 image each take the same step as 1 device with a batch of 2 (tested
-on two logical CPU devices). Two differences remain. Keras clips gradients
-(`global_clipnorm=10`) per replica, before summing them; the two agree whenever the
-gradient norm is under 10. And under a strategy Keras reads a batch ahead to build the
-model, which moves the data pipeline's random state (shuffles, crops, flips) on, so a
-distributed run does not repeat exactly with the same `--seed`.
+on two logical CPU devices, with real images). One difference remains: Keras clips
+gradients (`global_clipnorm=10`) per replica, before summing them; the two agree
+whenever the gradient norm is under 10. As every batch is a function of the seed and
+the step, a distributed run repeats with the same `--seed`, and resumes exactly.
 
 Without GPUs the strategy spreads over the CPU's logical devices: just one unless the
 program splits the CPU first with `tf.config.set_logical_device_configuration`, as the
@@ -2487,14 +2844,25 @@ def build_parser():
         "--save-every",
         type=int,
         default=1,
-        help=f"Save the learned embedding ({EMBEDDING_FILE}) every this many epochs, "
-        "and always at the end; 0: only at the end (default: %(default)s).",
+        help=f"Save the learned embedding ({EMBEDDING_FILE}) and the training state "
+        f"({TRAINING_STATE_FILE}) every this many epochs, and always at the end; 0: "
+        "only at the end (default: %(default)s).",
+    )
+    output.add_argument(
+        "--save-every-steps",
+        type=int,
+        default=SAVE_EVERY_STEPS,
+        help="Also save them every this many steps, so that a run killed without "
+        "warning (kill -9, out of memory, a Colab disconnect) loses at most as many "
+        "steps; a save writes a few kilobytes. 0: only every --save-every epochs "
+        "(default: %(default)s).",
     )
     output.add_argument(
         "--resume",
         metavar="EMBEDDING_FILE",
         help="Go on from a saved embedding and the step it reached, instead of starting "
-        "from the initializer word (default: start afresh).",
+        f"from the initializer word. With the {TRAINING_STATE_FILE} saved beside it, the "
+        "run goes on exactly as if it had not stopped (default: start afresh).",
     )
     machine = parser.add_argument_group("machine")
     add_machine_flags(machine)
@@ -2604,6 +2972,15 @@ def check_drawing_args(args):
     return args
 
 
+def check_batch_fits(sets, batch_size):
+    examples = sum(len(pairs.token_ids) * PROMPT_REPEATS for pairs in sets)
+    if batch_size > examples:
+        raise UserError(
+            f"--batch-size {batch_size} is more than the {examples} examples of an "
+            f"epoch; use {examples} or less."
+        )
+
+
 def check_resolution(resolution):
     if resolution < 128 or resolution % 128:
         raise UserError(
@@ -2644,7 +3021,11 @@ def check_args(args):
             "--gradient-accumulation-steps does not work with --distribute yet; leave "
             "one of them out."
         )
-    for flag, value in [("--sample-every", args.sample_every), ("--save-every", args.save_every)]:
+    for flag, value in [
+        ("--sample-every", args.sample_every),
+        ("--save-every", args.save_every),
+        ("--save-every-steps", args.save_every_steps),
+    ]:
         if value < 0:
             raise UserError(f"{flag} is {value}; it must be 0 (never) or more.")
     if args.learning_rate <= 0:
@@ -2664,7 +3045,7 @@ flags ask for: the before-training sample, the trainer (on several devices with
 """
 
 
-def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts, total_steps):
+def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts, fingerprint):
     callbacks = []
     if args.sample_every:
         options = dict(steps=args.sample_steps, seed=args.seed)
@@ -2674,59 +3055,60 @@ def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts
         ]
         samples_dir = os.path.join(args.output_dir, "samples")
         callbacks.append(ProgressMontage(samples_dir, sample_prompts, args.sample_every))
-    callbacks += [
-        LossLogger(os.path.join(args.output_dir, "loss.csv")),
-        StopAfterSteps(total_steps),
+    callbacks.append(
         SaveEmbedding(
-            os.path.join(args.output_dir, EMBEDDING_FILE),
+            args.output_dir,
             placeholder_token,
-            every=args.save_every,
-            metadata=embedding_metadata(args, placeholder_token),
-        ),
-    ]
+            embedding_metadata(args, placeholder_token),
+            fingerprint,
+            every_epochs=args.save_every,
+            every_steps=args.save_every_steps,
+        )
+    )
     return callbacks
 
 
-def training_image_sets(args):
-    """(image files, prompt templates, captions) of each dataset of a run: uncaptioned
-    images with the prompts, captioned ones with their captions, and the group images
-    with the group prompts."""
+def training_sets(args, tokenizer, placeholder):
+    """The sets of text-image pairs of a run: uncaptioned images with the prompts,
+    captioned ones with their captions, and the group images with the group prompts."""
     download = not args.random_weights
     files = resolve_image_files(args.images, download)
     captions = {path: read_caption(path) for path in files}
     uncaptioned = [path for path in files if captions[path] is None]
     captioned = [path for path in files if captions[path] is not None]
     group_files = resolve_image_files(group_image_sources(args), download)
-    image_sets = []
+    sets = []
     if uncaptioned:
-        image_sets.append((uncaptioned, concept_prompts(args), None))
+        prompts = concept_prompts(args)
+        sets.append(assemble_dataset(uncaptioned, prompts, tokenizer, placeholder, args.resolution))
     if captioned:
-        image_sets.append((captioned, None, [captions[path] for path in captioned]))
+        captions = [captions[path] for path in captioned]
+        sets += assemble_captioned_dataset(
+            captioned, captions, tokenizer, placeholder, args.resolution
+        )
     if group_files:
-        image_sets.append((group_files, GROUP_PROMPTS, None))
-    return image_sets
+        sets.append(
+            assemble_dataset(group_files, GROUP_PROMPTS, tokenizer, placeholder, args.resolution)
+        )
+    return sets
 
 
-def training_datasets(args, tokenizer, placeholder, latent_encoder=None):
-    """The text-image pair datasets of a run, ready for `assemble_train_dataset`. With
-    a `latent_encoder` (--cache-latents), cached encoder outputs of views of the images
-    take the images' place."""
-    datasets = []
-    for files, prompts, captions in training_image_sets(args):
-        if latent_encoder:
-            views = encode_views(files, args.resolution, latent_encoder)
-            datasets.append(
-                assemble_cached_dataset(views, prompts, captions, tokenizer, placeholder)
-            )
-        elif captions:
-            datasets.append(
-                assemble_captioned_dataset(files, captions, tokenizer, placeholder, args.resolution)
-            )
-        else:
-            datasets.append(
-                assemble_dataset(files, prompts, tokenizer, placeholder, args.resolution)
-            )
-    return datasets
+def train_from_step(trainer, steps_from, epoch_steps, epochs, first_step, callbacks):
+    """Trains from `first_step` to the end of the last epoch, or until a callback stops
+    training; `steps_from(step)` is the dataset from that step on. A run resumed within
+    an epoch first finishes that epoch, in a `fit` of its own, as Keras's epochs all
+    have one length."""
+    epoch, steps_into_epoch = divmod(first_step, epoch_steps)
+    options = dict(callbacks=callbacks, verbose=0)  # StepProgressBar shows the progress
+    if steps_into_epoch:
+        steps_left = epoch_steps - steps_into_epoch
+        train(
+            trainer, steps_from(first_step), steps_left, epoch + 1, initial_epoch=epoch, **options
+        )
+        epoch += 1
+    if not trainer.stop_training and epoch < epochs:
+        dataset = steps_from(epoch * epoch_steps)
+        train(trainer, dataset, epoch_steps, epochs, initial_epoch=epoch, **options)
 
 
 def fine_tuner_class(args):
@@ -2740,25 +3122,27 @@ def fine_tuner_class(args):
 
 def run_training(
     stable_diffusion,
-    train_ds,
+    sets,
     placeholder_token_ids,
     args,
     placeholder_token,
     num_vectors=1,
     initial_step=0,
+    state=None,
+    fingerprint=None,
     strategy=None,
 ):
     placeholder = placeholder_text(placeholder_token, num_vectors)
     sample_prompts = [prompt.format(placeholder) for prompt in SAMPLE_PROMPTS]
-    steps_per_epoch = int(train_ds.cardinality())
-    total_steps = planned_steps(steps_per_epoch, args.epochs, args.max_train_steps, initial_step)
+    epoch_steps = steps_per_epoch(sets, args.batch_size)
+    total_steps = planned_steps(epoch_steps, args.epochs, args.max_train_steps, initial_step)
     if args.sample_every and not initial_step:
         draw_samples(
             stable_diffusion, sample_prompts[0], 0, args.output_dir, args.sample_steps, args.seed
         )
 
     learning_rate = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=args.learning_rate, decay_steps=steps_per_epoch * args.epochs
+        initial_learning_rate=args.learning_rate, decay_steps=epoch_steps * args.epochs
     )
     with (strategy or tf.distribute.get_strategy()).scope():
         trainer = build_trainer(
@@ -2769,27 +3153,36 @@ def run_training(
             jit_compile=use_xla(args.xla, args.distribute),
             trainer_class=fine_tuner_class(args),
         )
-    continue_from_step(trainer, initial_step)
+    if state:
+        restore_training_state(trainer, state)
+    else:
+        continue_from_step(trainer, initial_step)
+    augmentation = augment
     if args.cache_latents:
         use_cached_latents(trainer)
+        augmentation = pick_cached_view
 
+    loss_log = os.path.join(args.output_dir, "loss.csv")
+    cut_loss_log(loss_log, initial_step)
+    loss_logger = LossLogger(loss_log)
     non_finite_guard = StopOnNonFiniteLoss()
-    callbacks = [non_finite_guard, StepProgressBar(steps_per_epoch, total_steps)]
+    callbacks = [non_finite_guard, StepProgressBar(epoch_steps, total_steps), loss_logger]
+    callbacks.append(StopAfterSteps(total_steps))
     callbacks += training_callbacks(
-        stable_diffusion, args, placeholder_token, sample_prompts, total_steps
+        stable_diffusion, args, placeholder_token, sample_prompts, fingerprint or {}
     )
-    with stop_training_on_signals(trainer) as signals_received:
-        train(
-            trainer,
-            train_ds,
-            args.epochs,
-            callbacks,
-            initial_epoch=initial_step // steps_per_epoch,
-            verbose=0,  # StepProgressBar shows the progress
+
+    def steps_from(step):
+        return assemble_train_dataset(
+            sets, args.batch_size, args.seed, args.epochs, step, augmentation
         )
 
+    with stop_training_on_signals(trainer) as signals_received:
+        train_from_step(trainer, steps_from, epoch_steps, args.epochs, initial_step, callbacks)
+    loss_logger.print_step_time()
+
     output = args.output_dir
-    plot_loss(os.path.join(output, "loss.csv"), os.path.join(output, "loss.png"))
+    plot_loss(loss_log, os.path.join(output, "loss.png"))
     words_path = os.path.join(output, "learned_words.json")
     report_nearest_words(stable_diffusion, placeholder_token_ids, words_path)
     embedding_path = os.path.join(output, EMBEDDING_FILE)
@@ -2816,10 +3209,8 @@ that a bad token or a missing image is reported before the models are built.
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir, args.resume)
-    # The same --seed gives the same run. KerasCV's augmentation layers draw from
-    # TensorFlow's global generator, which `set_random_seed` leaves alone.
+    # The same --seed gives the same models (with --random-weights) and the same run.
     keras.utils.set_random_seed(args.seed)
-    tf.random.set_global_generator(tf.random.Generator.from_seed(args.seed))
 
     resumed = load_embedding(args.resume) if args.resume else None
     placeholder_token = resumed.token if resumed else args.placeholder_token
@@ -2832,11 +3223,18 @@ def main(argv=None):
     placeholder_token_ids, initializer_id = add_placeholder_tokens(
         tokenizer, placeholder_token, args.initializer_token, num_vectors
     )
-    datasets = training_datasets(args, tokenizer, placeholder)
-    train_ds = assemble_train_dataset(datasets, args.batch_size)
+    sets = training_sets(args, tokenizer, placeholder)
+    check_batch_fits(sets, args.batch_size)
+    precision = resolve_precision(args.precision)
+    fingerprint = run_fingerprint(args, sets, precision, placeholder_token, num_vectors)
+    state = resume_state(args.resume, resumed, fingerprint) if resumed else None
+    if state:
+        resumed = resumed._replace(vectors=state["learned_embedding"])
+    initial_step = (
+        int(state["step"]) if state else int(resumed.metadata.get("step", 0)) if resumed else 0
+    )
 
     jit_compile = use_xla(args.xla, args.distribute)
-    precision = resolve_precision(args.precision)
     # With --distribute the models are built on every device.
     strategy = distribution_strategy(args.distribute, args.batch_size)
     with strategy.scope():
@@ -2853,20 +3251,22 @@ def main(argv=None):
         )
     sample_on_one_device(stable_diffusion)
     freeze_models(stable_diffusion)
+    if fast_gradients_apply(precision, jit_compile):
+        use_fast_input_gradients(stable_diffusion.diffusion_model)
     if args.cache_latents:
         latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
-        datasets = training_datasets(args, tokenizer, placeholder, latent_encoder)
-        train_ds = assemble_train_dataset(datasets, args.batch_size)
+        sets = cache_latents(sets, latent_encoder, args.seed)
 
-    initial_step = int(resumed.metadata.get("step", 0)) if resumed else 0
     run_training(
         stable_diffusion,
-        train_ds,
+        sets,
         placeholder_token_ids,
         args,
         placeholder_token,
         num_vectors,
         initial_step,
+        state,
+        fingerprint,
         strategy,
     )
     generate_final_images(

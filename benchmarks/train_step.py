@@ -128,6 +128,12 @@ def parse_args(argv=None):
         help="Ours on cached encoder outputs, as textual_inversion.py --cache-latents "
         "trains: the VAE encoder leaves the step.",
     )
+    parser.add_argument(
+        "--no-fast-gradients",
+        action="store_true",
+        help="Ours without the UNet's fast input gradients, which textual_inversion.py "
+        "uses on a CPU in float32 without XLA: to see what they save.",
+    )
     return parser.parse_args(argv)
 
 
@@ -496,6 +502,11 @@ def main(argv=None):
         seed=SEED,
         jit_compile=jit_compile,
     )
+    fast_gradients = ti.fast_gradients_apply(precision, jit_compile)
+    fast_gradients = fast_gradients and not args.no_fast_gradients
+    if fast_gradients:
+        swapped = ti.use_fast_input_gradients(stable_diffusion.diffusion_model)
+        print(f"ours with the fast input gradients of the UNet's {swapped} Conv2D and Dense layers")
     ours_weights = [tuple(w.shape) for w in ours.trainable_weights]
     ours_batch = images
     if args.cache_latents:
@@ -504,7 +515,7 @@ def main(argv=None):
         ti.use_cached_latents(ours)
     ours_first = timed_step(ours, ours_batch, token_ids)  # traces with these flags
     tutorial_sd = stable_diffusion
-    if precision != "float32":
+    if precision != "float32" or fast_gradients:  # the tutorial gets keras-cv's UNet as is
         tutorial_sd, _, _ = build_models(args.resolution, jit_compile, "float32")
     token_embedding = ti.get_embedding_layer(tutorial_sd.text_encoder).token_embedding
     saved_token_matrix = token_embedding.get_weights()
@@ -568,7 +579,8 @@ def main(argv=None):
     print(f"{memory_label}: {memory_bytes / 1e9:.1f} GB")
     print(
         f"summary: {device} {args.resolution}px batch {args.batch_size} "
-        f"(ours {precision}{', cached latents' if args.cache_latents else ''}, "
+        f"(ours {precision}{', cached latents' if args.cache_latents else ''}"
+        f"{', fast UNet gradients' if fast_gradients else ''}, "
         f"XLA {'on' if jit_compile else 'off'}): "
         f"tutorial {tutorial_ms:.0f} ms/step, ours {ours_ms:.0f} ms/step "
         f"({ours_ms / tutorial_ms:.2f}x; the floor {floor_ms:.0f} ms), "

@@ -23,8 +23,9 @@ def test_a_step_on_cached_latents_computes_the_loss_of_a_step_on_the_image(
     concept, image_folder, latent_encoder
 ):
     files = ti.resolve_image_files([image_folder])[:1]
-    unchanged = lambda image: image  # noqa: E731 (a view that is the image itself)
-    views = ti.encode_views(files, RESOLUTION, latent_encoder, views=2, augment=unchanged)
+    images = ti.load_images(files, RESOLUTION)
+    unchanged = lambda image, seed: image  # noqa: E731 (a view that is the image itself)
+    views = ti.encode_views(images, latent_encoder, views=2, augment=unchanged)
     assert views.shape == (1, 2, LATENT_SIZE, LATENT_SIZE, 8)  # mean and log-variance
 
     stable_diffusion = concept["stable_diffusion"]
@@ -33,7 +34,7 @@ def test_a_step_on_cached_latents_computes_the_loss_of_a_step_on_the_image(
         ti.encode_prompt(concept["tokenizer"], f"a photo of a {PLACEHOLDER}")[None]
     )
     random_state = trainer.seed_generator.state.numpy()
-    image = tf.constant(ti.load_images(files, RESOLUTION).astype("float32"))
+    image = tf.constant(images)
     image_loss = float(trainer.compute_denoising_loss(image, token_ids))
     ti.use_cached_latents(trainer)
     trainer.seed_generator.state.assign(random_state)
@@ -50,15 +51,22 @@ def test_cached_views_are_augmented_and_pair_with_every_prompt(
          "--resolution", str(RESOLUTION), "--random-weights", "--cache-latents"]
     )  # fmt: skip
     tokenizer = concept["tokenizer"]
-    datasets = ti.training_datasets(args, tokenizer, PLACEHOLDER, latent_encoder)
-    train_ds = ti.assemble_train_dataset(datasets, args.batch_size)
+    sets = ti.cache_latents(ti.training_sets(args, tokenizer, PLACEHOLDER), latent_encoder)
+    train_ds = ti.assemble_train_dataset(
+        sets, args.batch_size, args.seed, epochs=1, augment=ti.pick_cached_view
+    )
     examples = list(train_ds.unbatch())
     assert len(examples) == 2 * ti.PROMPT_REPEATS
     prompts = collections.Counter(tuple(ids.numpy()) for _, ids in examples)
     assert sorted(prompts.values()) == [ti.PROMPT_REPEATS] * 2
     latents = np.stack([views.numpy() for views, _ in examples])
     assert latents.shape[1:] == (LATENT_SIZE, LATENT_SIZE, 8)
-    # Random crops and flips: the 10 cached views of an image differ from one another.
-    views = ti.encode_views(ti.resolve_image_files([image_folder])[:1], RESOLUTION, latent_encoder)
-    assert views.shape[1] == ti.CACHED_VIEWS
-    assert len({view.tobytes() for view in views[0]}) == ti.CACHED_VIEWS
+    # Random crops and flips: the 10 cached views of an image differ from one another,
+    # and the same seed caches the same views.
+    assert sets[0].images.shape[1] == ti.CACHED_VIEWS
+    assert len({view.tobytes() for view in sets[0].images[0]}) == ti.CACHED_VIEWS
+    images = ti.load_images(ti.resolve_image_files([image_folder])[:1], RESOLUTION)
+    np.testing.assert_array_equal(
+        ti.encode_views(images, latent_encoder, seed=args.seed, views=2),
+        sets[0].images[0, :2][None],
+    )

@@ -609,6 +609,23 @@ def test_the_training_step_gives_the_diffusers_loss_and_gradient(km, te_ext, tor
     assert cos > 0.999
 
 
+def test_with_the_fast_unet_gradients_the_step_still_gives_the_diffusers_gradient(
+    km, te_ext, torch_ref, inputs
+):
+    """The script trains on a CPU with `use_fast_input_gradients`: same check, that way."""
+    original_classes = {
+        id(layer): layer.__class__ for layer in km.diffusion_model._flatten_layers()
+    }
+    try:
+        assert ti.use_fast_input_gradients(km.diffusion_model) > 250
+        loss, grad = k_step(km, te_ext, inputs)
+    finally:
+        for layer in km.diffusion_model._flatten_layers():
+            layer.__class__ = original_classes[id(layer)]
+    compare("loss", np.array([loss]), np.array([torch_ref["loss"]]), TOL["loss"])
+    compare("grad", grad[NEW_TOKEN], torch_ref["grad"], TOL["grad"])
+
+
 def test_with_exact_gelu_and_the_original_epsilon_outputs_agree_to_rounding(
     km, te_ext, torch_ref, inputs, monkeypatch
 ):

@@ -1,7 +1,8 @@
-"""Mixed precision gives the float32 loss on a fixed batch.
+"""Mixed precision gives the float32 loss and gradient on a fixed batch.
 
-bfloat16 is what this CPU can run; mixed_float16 is the GPU path and goes through the
-same code (plus Keras's loss scaling), but its numerics are not checked here.
+bfloat16 is what some CPUs compute fast; mixed_float16, with Keras's loss scaling, is
+the path of older GPUs (Colab's T4). A CPU runs both, slowly, which is enough to check
+their numbers against float32's.
 """
 
 import gc
@@ -28,37 +29,83 @@ def fixed_batch_losses(stable_diffusion, placeholder_token_id, images, token_ids
     return losses
 
 
-def test_mixed_bfloat16_loss_equals_float32_loss(concept):
+def mixed_precision_copy(concept, precision):
+    """The concept's Stable Diffusion, built again under `precision`, same weights."""
     float32_sd = concept["stable_diffusion"]
-    try:
-        mixed_sd = ti.build_stable_diffusion(
-            RESOLUTION, concept["tokenizer"], random_weights=True, jit_compile=False,
-            precision="mixed_bfloat16",
-        )
-        mixed_sd._text_encoder = ti.extend_text_encoder(
-            mixed_sd.text_encoder,
-            ti.token_rows(float32_sd.text_encoder, [concept["placeholder_token_id"]]),
-        )
-        for part in ("text_encoder", "image_encoder", "diffusion_model"):
-            getattr(mixed_sd, part).set_weights(getattr(float32_sd, part).get_weights())
-        assert mixed_sd.diffusion_model.dtype_policy.name == "mixed_bfloat16"
+    mixed_sd = ti.build_stable_diffusion(
+        RESOLUTION, concept["tokenizer"], random_weights=True, jit_compile=False,
+        precision=precision,
+    )  # fmt: skip
+    mixed_sd._text_encoder = ti.extend_text_encoder(
+        mixed_sd.text_encoder,
+        ti.token_rows(float32_sd.text_encoder, [concept["placeholder_token_id"]]),
+    )
+    for part in ("text_encoder", "image_encoder", "diffusion_model"):
+        getattr(mixed_sd, part).set_weights(getattr(float32_sd, part).get_weights())
+    ti.freeze_models(mixed_sd)
+    assert mixed_sd.diffusion_model.dtype_policy.name == precision
+    return mixed_sd
 
-        images = tf.constant(concept["images"][:1].astype("float32"))
-        token_ids = tf.constant(
-            ti.encode_prompt(concept["tokenizer"], "a photo of a <my-funny-cat-token>")[None]
+
+def fixed_batch(concept):
+    images = tf.constant(concept["images"][:1].astype("float32"))
+    prompt = "a photo of a <my-funny-cat-token>"
+    return images, tf.constant(ti.encode_prompt(concept["tokenizer"], prompt)[None])
+
+
+def test_mixed_bfloat16_loss_equals_float32_loss(concept):
+    images, token_ids = fixed_batch(concept)
+    seeds = [1, 2]
+    try:
+        mixed_sd = mixed_precision_copy(concept, "mixed_bfloat16")
+        mixed = fixed_batch_losses(
+            mixed_sd, concept["placeholder_token_id"], images, token_ids, seeds
         )
-        seeds = [1, 2]
-        mixed = fixed_batch_losses(mixed_sd, concept["placeholder_token_id"], images, token_ids, seeds)
     finally:
         keras.mixed_precision.set_global_policy("float32")
         # A second Stable Diffusion is ~4 GB: let it go before the next tests.
         mixed_sd = None
         gc.collect()
     reference = fixed_batch_losses(
-        float32_sd, concept["placeholder_token_id"], images, token_ids, seeds
+        concept["stable_diffusion"], concept["placeholder_token_id"], images, token_ids, seeds
     )
     assert len(set(reference)) == len(seeds), "the seeds should give different examples"
     np.testing.assert_allclose(mixed, reference, rtol=RELATIVE_TOLERANCE)
+
+
+def loss_and_unscaled_gradient(stable_diffusion, placeholder_token_id, images, token_ids):
+    trainer = ti.build_trainer(stable_diffusion, [placeholder_token_id], 1e-4, seed=0)
+    trainer.seed_generator.state.assign(np.array([1, 0], dtype="uint32"))
+    loss, gradient = trainer.loss_and_gradient(images, token_ids)
+    scale = 1.0
+    if isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer):
+        scale = float(trainer.optimizer.dynamic_scale)
+    return float(loss), np.asarray(gradient)[0] / scale, scale
+
+
+def test_mixed_float16_with_loss_scaling_gives_the_float32_loss_and_gradient(concept):
+    images, token_ids = fixed_batch(concept)
+    placeholder_token_id = concept["placeholder_token_id"]
+    try:
+        mixed_sd = mixed_precision_copy(concept, "mixed_float16")
+        loss, gradient, scale = loss_and_unscaled_gradient(
+            mixed_sd, placeholder_token_id, images, token_ids
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+        mixed_sd = None
+        gc.collect()
+    reference_loss, reference_gradient, _ = loss_and_unscaled_gradient(
+        concept["stable_diffusion"], placeholder_token_id, images, token_ids
+    )
+    assert scale > 1  # the gradient was computed on a scaled loss
+    np.testing.assert_allclose(loss, reference_loss, rtol=RELATIVE_TOLERANCE)
+    cosine = gradient @ reference_gradient
+    cosine /= np.linalg.norm(gradient) * np.linalg.norm(reference_gradient)
+    assert cosine > 0.99
+    np.testing.assert_allclose(
+        np.linalg.norm(gradient), np.linalg.norm(reference_gradient), rtol=0.05
+    )
 
 
 # --- --precision auto ------------------------------------------------------------------

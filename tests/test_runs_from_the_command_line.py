@@ -1,10 +1,11 @@
 """The script from its command line, in subprocesses, as a user runs it.
 
-Three long training runs start together, in a module fixture: a run with --distribute
-on two logical CPU devices, the same run on one device, and a run that Ctrl-C stops and
---resume finishes. Most of a run's time is building and tracing the models, which keeps
-one core busy, so side by side they take little longer than the longest alone. The
-two tools, `generate` and `evaluate`, then run side by side too.
+Three runs start together, in a module fixture: a run with --distribute on two logical
+CPU devices, the same run on one device, and the same run once more, killed with
+SIGKILL after its third step, resumed and stopped with Ctrl-C, and resumed again to
+the end. Most of a run's time is building and tracing the models, which keeps one core
+busy, so side by side they take little longer than the longest alone. The two tools,
+`generate` and `evaluate`, then run side by side too.
 """
 
 import csv
@@ -46,6 +47,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 LOSS_TOLERANCE = 1e-4
 VECTOR_TOLERANCE = 1e-4
 
+# 2 images and 1 prompt make 5 examples, 2 steps an epoch with a batch of 2.
+STEPS_PER_EPOCH = 2
+STEPS = 6
+KILLED_AFTER = 3  # logged steps; the state is saved every 2
 
 
 class Run:
@@ -66,17 +71,6 @@ class Run:
         return self.process.returncode
 
 
-def one_plain_colour_image(folder):
-    """Keras reads a batch ahead to build a model under a strategy, which moves the
-    data pipeline's random state (shuffles, crops, flips) on. Crops and flips of one
-    plain-coloured image are all the same picture, so both runs see the same data."""
-    import matplotlib.pyplot as plt
-
-    os.makedirs(folder)
-    plt.imsave(os.path.join(folder, "plain.png"), np.full((160, 160, 3), [0.8, 0.4, 0.2]))
-    return folder
-
-
 def training_flags(image_folder, output_dir):
     return [
         "--random-weights",
@@ -84,7 +78,7 @@ def training_flags(image_folder, output_dir):
         "--images", image_folder,
         "--prompts", "a photo of {}",
         "--batch-size", 2,
-        "--max-train-steps", 2,
+        "--max-train-steps", STEPS,
         "--learning-rate", 0.01,  # steps big enough to tell a wrong one
         "--sample-every", 0,
         "--sample-steps", 1,
@@ -104,30 +98,33 @@ def step_losses(output_dir):
     return [float(row["loss"]) for row in read_loss_rows(os.path.join(output_dir, "loss.csv"))]
 
 
-def interrupted_flags(image_folder, output_dir):
-    return [
-        "--random-weights", "--resolution", RESOLUTION,
-        "--images", image_folder, "--group-images",
-        "--sample-steps", 1, "--output-dir", output_dir,
-    ]  # fmt: skip
+def wait_for_steps(run, output_dir, steps, timeout=1200):
+    deadline = time.time() + timeout
+    while len(step_losses(output_dir)) < steps and run.process.poll() is None:
+        assert time.time() < deadline, f"not {steps} steps within {timeout} s"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, image_folder):
     root = tmp_path_factory.mktemp("command-line")
-    plain_image = one_plain_colour_image(root / "plain-image")
     runs = {
         "distributed": Run(
-            ["-c", TWO_DEVICES, *training_flags(plain_image, root / "two-devices"), "--distribute"],
+            [
+                "-c",
+                TWO_DEVICES,
+                *training_flags(image_folder, root / "two-devices"),
+                "--distribute",
+            ],
             root / "two-devices",
         ),
-        "single": Run([SCRIPT, *training_flags(plain_image, root / "one-device")], root / "one-device"),
-        # The first part draws no samples, to keep it short.
-        "interrupted": Run(
-            [SCRIPT, *interrupted_flags(image_folder, root / "run"),
-             "--sample-every", 0, "--max-train-steps", 50],
-            root / "run",
-        ),  # fmt: skip
+        "single": Run(
+            [SCRIPT, *training_flags(image_folder, root / "one-device")], root / "one-device"
+        ),
+        "killed": Run(
+            [SCRIPT, *training_flags(image_folder, root / "run"), "--save-every-steps", 2],
+            root / "killed",
+        ),
     }
     yield root, runs
     for run in runs.values():
@@ -136,73 +133,101 @@ def runs(tmp_path_factory, image_folder):
             run.process.wait()
 
 
-# --- Ctrl-C, then --resume ---------------------------------------------------------------
+# --- kill -9, Ctrl-C, --resume -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def stopped_then_resumed(runs, image_folder):
-    """The run that SIGINT stops after its first logged step, then --resume, 2 steps
-    further, with samples."""
+def stopped_and_resumed(runs, image_folder):
+    """The run killed with SIGKILL after its third logged step; resumed and stopped by
+    SIGINT after one more step; resumed again, with samples, to its last step."""
     root, runs = runs
     output_dir = root / "run"
-    first = runs["interrupted"]
+    flags = [*training_flags(image_folder, output_dir), "--save-every-steps", 2]
+    resume = ["--resume", output_dir / ti.EMBEDDING_FILE]
+
+    killed = runs["killed"]
+    wait_for_steps(killed, output_dir, KILLED_AFTER)
+    killed.process.send_signal(signal.SIGKILL)
+    killed.finish()
+    logged_when_killed = len(step_losses(output_dir))
+    saved_when_killed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
+
+    loss_log = output_dir / "loss.csv"
+    killed_log = os.stat(loss_log).st_ino
+    interrupted = Run([SCRIPT, *flags, *resume], root / "interrupted")
+    # The resumed run rewrites the log, cut back to its saved step; then one step more.
     deadline = time.time() + 1200
-    while not read_loss_rows(output_dir / "loss.csv") and first.process.poll() is None:
-        assert time.time() < deadline, "no training step within 20 minutes"
-        time.sleep(0.5)
-    first.process.send_signal(signal.SIGINT)
-    first.finish()
-    stopped_at = len(read_loss_rows(output_dir / "loss.csv"))
-    saved = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
-    target = stopped_at + 2
-    second = run_script(
-        *interrupted_flags(image_folder, output_dir),
-        "--sample-every", 1, "--max-train-steps", target,
-        "--resume", output_dir / ti.EMBEDDING_FILE,
-        timeout=1500,
-    )  # fmt: skip
+    while interrupted.process.poll() is None and os.stat(loss_log).st_ino == killed_log:
+        assert time.time() < deadline, "the resumed run did not start within 20 minutes"
+        time.sleep(0.2)
+    signalled_after = int(saved_when_killed.metadata["step"]) + 1
+    wait_for_steps(interrupted, output_dir, signalled_after)
+    interrupted.process.send_signal(signal.SIGINT)
+    interrupted.finish()
+    saved_when_interrupted = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
+
+    finished = run_script(*flags, *resume, "--sample-every", 1, timeout=1500)
     return dict(
-        output_dir=output_dir, first=first, stopped_at=stopped_at, saved=saved,
-        second=second, target=target,
+        output_dir=output_dir, killed=killed, logged_when_killed=logged_when_killed,
+        saved_when_killed=saved_when_killed, interrupted=interrupted,
+        signalled_after=signalled_after, saved_when_interrupted=saved_when_interrupted,
+        finished=finished,
     )  # fmt: skip
 
 
-def test_ctrl_c_saves_the_embedding_and_exits_130_with_the_resume_command(stopped_then_resumed):
-    first = stopped_then_resumed["first"]
-    assert first.process.returncode == 130, first.stderr[-3000:]
-    assert "Traceback" not in first.stderr
-    assert "Stopped by SIGINT" in first.stderr and "--resume" in first.stderr
-    stopped_at = stopped_then_resumed["stopped_at"]
-    assert 1 <= stopped_at < 50
-    assert stopped_then_resumed["saved"].metadata["step"] == str(stopped_at)
+def test_a_killed_run_leaves_whole_files_of_its_last_save(stopped_and_resumed):
+    assert stopped_and_resumed["killed"].process.returncode == -signal.SIGKILL
+    assert stopped_and_resumed["logged_when_killed"] >= KILLED_AFTER
+    assert stopped_and_resumed["saved_when_killed"].metadata["step"] == "2"
+    assert not [
+        name for name in os.listdir(stopped_and_resumed["output_dir"]) if ".partial" in name
+    ]
 
 
-def test_a_resumed_run_continues_the_step_count_and_the_loss_log(stopped_then_resumed):
-    output_dir, second = stopped_then_resumed["output_dir"], stopped_then_resumed["second"]
-    target = stopped_then_resumed["target"]
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "ms/step" in second.stdout
-    # The progress bar counts the 2 steps this run takes, not the epoch's 125.
-    assert "2/2" in second.stdout and "/125" not in second.stdout
+def test_ctrl_c_saves_the_embedding_and_exits_130_with_the_resume_command(stopped_and_resumed):
+    interrupted = stopped_and_resumed["interrupted"]
+    assert interrupted.process.returncode == 130, interrupted.stderr[-3000:]
+    assert "Traceback" not in interrupted.stderr
+    assert "Stopped by SIGINT" in interrupted.stderr and "--resume" in interrupted.stderr
+    assert "Resuming step 2 with its training state" in interrupted.stdout
+    # It stops after the step that was running when the signal came.
+    saved_step = int(stopped_and_resumed["saved_when_interrupted"].metadata["step"])
+    signalled_after = stopped_and_resumed["signalled_after"]
+    assert saved_step in (signalled_after, signalled_after + 1)
 
+
+def test_a_killed_and_stopped_run_ends_bit_for_bit_where_the_unstopped_run_does(
+    runs, stopped_and_resumed
+):
+    root, runs = runs
+    finished = stopped_and_resumed["finished"]
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert runs["single"].finish() == 0, runs["single"].stderr[-3000:]
+    assert "with its training state" in finished.stdout
+
+    output_dir, unstopped_dir = stopped_and_resumed["output_dir"], root / "one-device"
     rows = read_loss_rows(output_dir / "loss.csv")
-    assert [int(row["step"]) for row in rows] == list(range(1, target + 1))
-    assert all(math.isfinite(float(row["loss"])) and float(row["loss"]) > 0 for row in rows)
+    assert [int(row["step"]) for row in rows] == list(range(1, STEPS + 1))  # each once
+    assert step_losses(output_dir) == step_losses(unstopped_dir)
     resumed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
-    assert resumed.metadata["step"] == str(target)
-    assert not np.array_equal(resumed.vectors, stopped_then_resumed["saved"].vectors)
+    unstopped = ti.load_embedding(str(unstopped_dir / ti.EMBEDDING_FILE))
+    assert resumed.metadata["step"] == unstopped.metadata["step"] == str(STEPS)
+    np.testing.assert_array_equal(resumed.vectors, unstopped.vectors)
 
 
 def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_images(
-    stopped_then_resumed,
+    stopped_and_resumed,
 ):
-    output_dir = stopped_then_resumed["output_dir"]
-    assert stopped_then_resumed["second"].returncode == 0
+    output_dir = stopped_and_resumed["output_dir"]
+    assert stopped_and_resumed["finished"].returncode == 0
     assert os.path.getsize(output_dir / "loss.png") > 0
     assert os.path.exists(output_dir / "learned_words.json")
 
+    # Samples of the epochs that ended in the last part of the run.
+    resumed_from = int(stopped_and_resumed["saved_when_interrupted"].metadata["step"])
+    epochs = range(resumed_from // STEPS_PER_EPOCH + 1, STEPS // STEPS_PER_EPOCH + 1)
     slugs = [ti.slugify(p.format(PLACEHOLDER)) for p in ti.SAMPLE_PROMPTS]
-    expected = [f"epoch-001_{slug}.png" for slug in slugs]
+    expected = [f"epoch-{epoch:03d}_{slug}.png" for epoch in epochs for slug in slugs]
     assert sorted(os.listdir(output_dir / "samples")) == sorted(expected + ["progress.png"])
     assert len(os.listdir(output_dir / "final")) == len(ti.FINAL_PROMPTS)
 
@@ -232,9 +257,9 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
     assert "Training on 2 replicas" in distributed.stdout
     assert single.finish() == 0, single.stderr[-3000:]
 
-    # The distributed run completed: both steps, its embedding, and its final images,
-    # drawn on one device (3 images side by side, not 3 per replica).
-    assert len(step_losses(distributed_dir)) == 2
+    # The distributed run completed: all its steps, its embedding, and its final
+    # images, drawn on one device (3 images side by side, not 3 per replica).
+    assert len(step_losses(distributed_dir)) == STEPS
     final_images = sorted(os.listdir(distributed_dir / "final"))
     assert final_images == sorted(os.listdir(single_dir / "final"))
     import matplotlib.pyplot as plt
@@ -250,7 +275,7 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
     # ...and the same learned vector,
     learned = ti.load_embedding(str(distributed_dir / ti.EMBEDDING_FILE))
     reference = ti.load_embedding(str(single_dir / ti.EMBEDDING_FILE))
-    assert learned.metadata["step"] == reference.metadata["step"] == "2"
+    assert learned.metadata["step"] == reference.metadata["step"] == str(STEPS)
     np.testing.assert_allclose(learned.vectors, reference.vectors, atol=VECTOR_TOLERANCE, rtol=0)
     # which did move away from cat's row, where it started (cosine 1 before training).
     with open(distributed_dir / "learned_words.json") as f:
@@ -263,8 +288,12 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
 @pytest.fixture(scope="module")
 def drawing_runs(tmp_path_factory, image_folder):
     root = tmp_path_factory.mktemp("drawing")
-    generate_embedding = save_random_embedding(root / "generate.safetensors", "<my-test-token>", seed=2)
-    evaluate_embedding = save_random_embedding(root / "evaluate.safetensors", "<my-eval-token>", seed=3)
+    generate_embedding = save_random_embedding(
+        root / "generate.safetensors", "<my-test-token>", seed=2
+    )
+    evaluate_embedding = save_random_embedding(
+        root / "evaluate.safetensors", "<my-eval-token>", seed=3
+    )
     common = ["--sample-steps", 2, "--random-weights", "--resolution", RESOLUTION]
     runs = {
         "generate": Run(

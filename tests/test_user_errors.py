@@ -1,10 +1,12 @@
 """Mistakes a new user makes end in one clear sentence, before the models are built;
 interruptions and a diverging loss keep what was learned."""
 
+import json
+import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
+import safetensors.numpy
 
 import textual_inversion as ti
 from conftest import RESOLUTION, run_script, write_test_images
@@ -58,7 +60,9 @@ def test_truncated_image(tmp_path, images):
 
 def test_unreachable_url(tmp_path):
     # Port 9 (discard) on this machine: nothing listens, the connection is refused.
-    message = expect_user_error("Could not download the image", tmp_path, ["http://127.0.0.1:9/cat.jpg"])
+    message = expect_user_error(
+        "Could not download the image", tmp_path, ["http://127.0.0.1:9/cat.jpg"]
+    )
     assert "--images" in message
 
 
@@ -79,9 +83,7 @@ def test_bad_placeholder_token(tmp_path, images, token, match):
 
 
 def test_initializer_of_several_tokens_names_them(tmp_path, images):
-    message = expect_user_error(
-        "not one", tmp_path, images, "--initializer-token", "catdogfish"
-    )
+    message = expect_user_error("not one", tmp_path, images, "--initializer-token", "catdogfish")
     tokenizer = ti.build_tokenizer()
     pieces = [tokenizer.decode([i]).strip() for i in tokenizer.encode("catdogfish")[1:-1]]
     assert len(pieces) > 1
@@ -109,6 +111,7 @@ def test_prompt_longer_than_77_tokens(tmp_path, images):
         ("--epochs", "0", "1 or more"),
         ("--max-train-steps", "0", "1 or more"),
         ("--sample-steps", "0", "1 or more"),
+        ("--save-every-steps", "-1", "0 \\(never\\) or more"),
     ],
 )
 def test_values_the_model_cannot_take(tmp_path, images, flag, value, match):
@@ -122,6 +125,28 @@ def test_a_batch_larger_than_an_epoch(tmp_path, images):
         "--batch-size", "6",
     )  # fmt: skip
     assert "use 5 or less" in message
+
+
+def test_resuming_a_state_with_another_batch_size_is_refused(tmp_path, images):
+    flags = ["--images", *images, "--group-images", "--output-dir", str(tmp_path / "out")]
+    args = ti.parse_args(flags)
+    tokenizer = ti.build_tokenizer()
+    ti.add_placeholder_token(tokenizer, PLACEHOLDER, "cat")
+    sets = ti.training_sets(args, tokenizer, PLACEHOLDER)
+    precision = ti.resolve_precision(args.precision)
+    fingerprint = ti.run_fingerprint(args, sets, precision, PLACEHOLDER, 1)
+    os.makedirs(args.output_dir)
+    embedding = os.path.join(args.output_dir, ti.EMBEDDING_FILE)
+    ti.save_embedding(embedding, PLACEHOLDER, np.zeros((1, 768), "float32"), {"step": 3})
+    state = {"step": np.array(3), "learned_embedding": np.zeros((1, 768), "float32")}
+    state_path = os.path.join(args.output_dir, ti.TRAINING_STATE_FILE)
+    safetensors.numpy.save_file(state, state_path, metadata={"run": json.dumps(fingerprint)})
+
+    message = expect_user_error(
+        "saved by a run with --batch-size 1", tmp_path, images, "--resume", embedding,
+        "--batch-size", "2",
+    )  # fmt: skip
+    assert f"delete {state_path}" in message
 
 
 def test_output_dir_that_cannot_be_written(tmp_path, images):
@@ -159,17 +184,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(concept, tmp_pa
     row_before = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
 
     # An image of NaNs makes the very first loss NaN.
-    nan_images = np.full((1, 1, RESOLUTION, RESOLUTION, 3), np.nan, dtype="float32")
-    token_ids = ti.encode_prompt(concept["tokenizer"], "a photo of a <my-funny-cat-token>")
-    train_ds = tf.data.Dataset.zip(
-        (tf.data.Dataset.from_tensor_slices(nan_images), tf.data.Dataset.from_tensors(token_ids[None]))
-    ).repeat(3)
+    nan_images = np.full((1, RESOLUTION, RESOLUTION, 3), np.nan, dtype="float32")
+    token_ids = ti.encode_prompts(concept["tokenizer"], ["a photo of a {}"], PLACEHOLDER)
+    sets = [ti.TextImagePairs(nan_images, token_ids)]
     args = ti.parse_args(
-        ["--random-weights", "--resolution", str(RESOLUTION), "--sample-every", "0",
-         "--epochs", "1", "--output-dir", str(tmp_path)]
+        [
+            "--random-weights",
+            "--resolution",
+            str(RESOLUTION),
+            "--sample-every",
+            "0",
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     with pytest.raises(ti.UserError, match="non-finite at step 1") as raised:
-        ti.run_training(stable_diffusion, train_ds, [placeholder_token_id], args, PLACEHOLDER)
+        ti.run_training(stable_diffusion, sets, [placeholder_token_id], args, PLACEHOLDER)
     assert "--resume" in str(raised.value)
 
     saved = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))

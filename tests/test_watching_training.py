@@ -63,7 +63,9 @@ def test_before_training_the_nearest_word_is_the_initializer(concept, tmp_path):
     assert abs(entry["nearest"][0]["cosine"] - 1.0) < 1e-6
     assert len(entry["nearest"]) == 5
     assert all(n["word"] != "<my-funny-cat-token>" for n in entry["nearest"])
-    np.testing.assert_allclose(entry["norm"], np.linalg.norm(matrix[concept["initializer_token_id"]]), rtol=1e-6)
+    np.testing.assert_allclose(
+        entry["norm"], np.linalg.norm(matrix[concept["initializer_token_id"]]), rtol=1e-6
+    )
     assert entry["vocabulary_median_norm"] > 0
     assert json.loads(path.read_text()) == report
 
@@ -102,3 +104,9 @@ def test_the_progress_bar_of_a_resumed_run_counts_the_steps_left(capsys):
     assert "5/5" in output
     assert "/10" not in output
     assert "Epoch 3 (1 of 1 in this run)" in output
+
+
+def test_the_progress_bar_of_a_run_resumed_within_an_epoch_counts_to_its_end(capsys):
+    output = bar_output(capsys, steps_per_epoch=10, total_steps=25, first_step=13, steps_taken=7)
+    assert "7/7" in output
+    assert "Epoch 2 (1 of 2 in this run)" in output

@@ -1,0 +1,189 @@
+"""A stopped run, resumed from its saved training state, is the run that never stopped.
+
+The training here goes through the script's own pieces: `assemble_train_dataset`,
+`train_from_step` (which finishes a half-done epoch first), `save_training`,
+`load_training_state` and `restore_training_state`, with two vectors in batches of 2.
+One trainer keeps the tracing to once: it trains 6 steps, saving its state after the
+third; then the state is loaded back from disk into the same trainer, which by then
+stands at step 6, so anything the state left out would keep its step-6 value and the
+3 steps trained again would differ. (The command-line tests kill a real run with
+SIGKILL.)
+"""
+
+import csv
+import errno
+import os
+
+import keras
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import textual_inversion as ti
+
+TOKEN = "<my-funny-cat-token>"
+SEED = 7
+STEPS = 6
+SAVED_AT = 3
+
+
+class RecordLosses(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.losses = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses[int(self.model.step.numpy())] = float(logs["step_loss"])
+
+
+class SaveAtStep(keras.callbacks.Callback):
+    def __init__(self, step, output_dir):
+        super().__init__()
+        self.step, self.output_dir = step, output_dir
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.step.numpy()) == self.step:
+            ti.save_training(self.output_dir, TOKEN, self.model, {}, {"seed": SEED})
+
+
+def stop_and_resume(stable_diffusion, placeholder_ids, sets, batch_size, output_dir):
+    """(vectors, losses by step) of the unstopped run and of the resumed one."""
+    epoch_steps = ti.steps_per_epoch(sets, batch_size)
+    epochs = -(-STEPS // epoch_steps)
+    assert SAVED_AT % epoch_steps, "the resume must start within an epoch"
+    # A decaying learning rate: a resumed run that lost its place in the schedule
+    # would take other steps.
+    learning_rate = keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=STEPS)
+    trainer = ti.build_trainer(stable_diffusion, placeholder_ids, learning_rate, seed=SEED)
+
+    def steps_from(step):
+        return ti.assemble_train_dataset(sets, batch_size, SEED, epochs, step)
+
+    recorder = RecordLosses()
+    callbacks = [recorder, SaveAtStep(SAVED_AT, str(output_dir)), ti.StopAfterSteps(STEPS)]
+    ti.train_from_step(trainer, steps_from, epoch_steps, epochs, 0, callbacks)
+    unstopped = trainer.learned_embedding.numpy(), dict(recorder.losses)
+
+    state_path = str(output_dir / ti.TRAINING_STATE_FILE)
+    state = ti.load_training_state(state_path, {"seed": SEED})
+    assert int(state["step"]) == SAVED_AT
+    ti.restore_training_state(trainer, state)
+    recorder.losses.clear()
+    ti.train_from_step(trainer, steps_from, epoch_steps, epochs, SAVED_AT, callbacks)
+    matrix_rows = ti.token_rows(stable_diffusion.text_encoder, placeholder_ids)
+    np.testing.assert_array_equal(matrix_rows, trainer.learned_embedding.numpy())
+    resumed = trainer.learned_embedding.numpy(), dict(recorder.losses)
+    return unstopped, resumed
+
+
+def pairs_of(concept, tokenizer, placeholder, images=2):
+    token_ids = ti.encode_prompts(tokenizer, ["a photo of {}"], placeholder)
+    return [ti.TextImagePairs(concept["images"][:images], token_ids)]
+
+
+def assert_same_run(unstopped, resumed):
+    (unstopped_vectors, unstopped_losses), (resumed_vectors, resumed_losses) = unstopped, resumed
+    assert sorted(unstopped_losses) == list(range(1, STEPS + 1))
+    assert sorted(resumed_losses) == list(range(SAVED_AT + 1, STEPS + 1))
+    for step in resumed_losses:
+        assert resumed_losses[step] == unstopped_losses[step], step
+    np.testing.assert_array_equal(resumed_vectors, unstopped_vectors)
+
+
+def test_a_resumed_run_of_two_vectors_in_batches_of_two_ends_bit_for_bit_as_unstopped(
+    concept, tmp_path
+):
+    stable_diffusion = concept["stable_diffusion"]
+    tokenizer = ti.build_tokenizer()
+    placeholder_ids, initializer_id = ti.add_placeholder_tokens(tokenizer, TOKEN, "cat", 2)
+    original = concept["original_text_encoder"]
+    shared_encoder = stable_diffusion._text_encoder
+    stable_diffusion._text_encoder = ti.extend_text_encoder(
+        original, ti.token_rows(original, [initializer_id] * 2)
+    )
+    ti.freeze_models(stable_diffusion)
+    try:
+        sets = pairs_of(concept, tokenizer, ti.placeholder_text(TOKEN, 2), images=2)
+        unstopped, resumed = stop_and_resume(stable_diffusion, placeholder_ids, sets, 2, tmp_path)
+    finally:
+        stable_diffusion._text_encoder = shared_encoder
+    assert unstopped[0].shape == (2, 768)
+    assert_same_run(unstopped, resumed)
+
+
+# --- What is saved, and what is refused --------------------------------------------------
+
+
+@pytest.fixture
+def trainer(concept):
+    return ti.build_trainer(concept["stable_diffusion"], [concept["placeholder_token_id"]], 1e-4)
+
+
+def fingerprint(**changes):
+    run = {"token": TOKEN, "images and prompts": "0123abcd", "--batch-size": 1, "--seed": 1}
+    return dict(run, **changes)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--batch-size": 2}, "--batch-size 1"),
+        ({"images and prompts": "ffff0000"}, "other images and prompts"),
+    ],
+)
+def test_a_state_saved_by_another_configuration_is_refused(trainer, tmp_path, change, message):
+    ti.save_training(str(tmp_path), TOKEN, trainer, {}, fingerprint())
+    path = str(tmp_path / ti.TRAINING_STATE_FILE)
+    assert ti.load_training_state(path, fingerprint()) is not None
+    with pytest.raises(ti.UserError, match=message) as refused:
+        ti.load_training_state(path, fingerprint(**change))
+    assert "delete" in str(refused.value)
+
+
+def test_the_state_holds_the_optimizer_the_random_state_and_the_step(trainer, tmp_path):
+    ti.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
+    state = ti.load_training_state(str(tmp_path / ti.TRAINING_STATE_FILE), fingerprint())
+    assert {"learned_embedding", "step", "seed_generator_state"} <= set(state)
+    assert any(key.startswith("optimizer/") for key in state)
+    # The embedding beside it is the single tensor other tools load.
+    embedding = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))
+    np.testing.assert_array_equal(embedding.vectors, state["learned_embedding"])
+
+
+def test_a_save_that_fails_keeps_the_previous_files_and_says_what_to_do(
+    trainer, tmp_path, monkeypatch
+):
+    saver = ti.SaveEmbedding(str(tmp_path), TOKEN, {}, fingerprint(), 0, 1)
+    saver.set_model(trainer)
+    saver.save()
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == sorted([ti.EMBEDDING_FILE, ti.TRAINING_STATE_FILE])
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    trainer.step.assign(1)
+    trainer.learned_embedding.assign(trainer.learned_embedding + 1.0)
+    with pytest.raises(ti.UserError) as failed:
+        saver.save()
+    message = str(failed.value)
+    assert "No space left on device" in message and "--resume" in message
+    assert len(message.splitlines()) == 1
+    after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert after == before  # no partial file left, the old ones untouched
+
+
+def test_the_loss_log_is_cut_back_to_the_step_a_run_resumes_from(tmp_path):
+    path = str(tmp_path / "loss.csv")
+    with open(path, "w", newline="") as f:
+        rows = [["step", "epoch", "loss", "seconds"]]
+        rows += [[step, 1, 0.1 * step, 2.0] for step in range(1, 6)]
+        csv.writer(f).writerows(rows)
+        f.write("6,1,0.")  # a row cut short by kill -9
+    ti.cut_loss_log(path, 3)
+    with open(path) as f:
+        kept = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in kept] == [1, 2, 3]
