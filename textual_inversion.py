@@ -447,7 +447,7 @@ parallel, as each example brings its own seed.
 
 
 def assemble_train_dataset(
-    sets, batch_size=BATCH_SIZE, seed=SEED, epochs=EPOCHS, first_step=0, augment=augment
+    sets, batch_size=BATCH_SIZE, seed=SEED, epochs=EPOCHS, first_step=0, make_view=augment
 ):
     orders = [epoch_order(sets, seed, epoch, batch_size) for epoch in range(epochs)]
     image_ids = np.concatenate([image_ids for image_ids, _ in orders])
@@ -458,7 +458,8 @@ def assemble_train_dataset(
 
     def make_example(image_id, prompt_id, example_number):
         example_seed = tf.stack([tf.constant(seed, "int64"), example_number])
-        return augment(tf.gather(images, image_id), example_seed), tf.gather(token_ids, prompt_id)
+        view = make_view(tf.gather(images, image_id), example_seed)
+        return view, tf.gather(token_ids, prompt_id)
 
     first = first_step * batch_size
     dataset = tf.data.Dataset.from_tensor_slices(
@@ -635,13 +636,14 @@ def placeholder_gradient(embedding_gradient, placeholder_token_ids):
 
 """
 Now the heart of textual inversion, `StableDiffusionFineTuner`: a `keras.Model` whose
-`train_step` trains the placeholder's embedding. In each step the frozen VAE encodes the training images into latents (a sample of the
-predicted distribution, scaled by 0.18215), random noise is added at a random
-timestep, and the frozen diffusion model predicts that noise, guided by the text
-encoder's encoding of the image's prompt. The loss is the mean squared error between
-the true and the predicted noise. Its gradient reaches the token embedding matrix
-through the text encoder; we keep only the placeholder's row of it, let the optimizer
-update the learned vector, and write that back into the matrix.
+`train_step` trains the placeholder's embedding. In each step the frozen VAE encodes
+the training images into latents (a sample of the predicted distribution, scaled by
+0.18215), random noise is added at a random timestep, and the frozen diffusion model
+predicts that noise, guided by the text encoder's encoding of the image's prompt. The
+loss is the mean squared error between the true and the predicted noise. Its gradient
+reaches the token embedding matrix through the text encoder; we keep only the
+placeholder's row of it, let the optimizer update the learned vector, and write that
+back into the matrix.
 
 The step's random numbers come from the trainer's seed generator; `step` counts steps.
 """
@@ -790,13 +792,13 @@ def build_trainer(
     return trainer
 
 
-def train(trainer, train_ds, steps_per_epoch, epochs=EPOCHS, callbacks=(), **fit_options):
+def train(trainer, train_ds, epoch_steps, epochs=EPOCHS, callbacks=(), **fit_options):
     # The dataset holds the whole run, already shuffled: Keras is told where an epoch
     # ends, and that the data needs no shuffling of its own.
     return trainer.fit(
         train_ds,
         epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=epoch_steps,
         callbacks=list(callbacks),
         shuffle=False,
         **fit_options,
@@ -1122,13 +1124,13 @@ SAVE_EVERY_STEPS = 10
 def run_fingerprint(args, sets, precision, placeholder_token, num_vectors):
     data = hashlib.sha256()
     for pairs in sets:
+        data.update(str((pairs.images.shape, pairs.token_ids.shape)).encode())
         data.update(np.ascontiguousarray(pairs.images).tobytes())
         data.update(np.ascontiguousarray(pairs.token_ids).tobytes())
     return {
         "token": placeholder_token,
         "images and prompts": data.hexdigest()[:16],
         "--batch-size": args.batch_size,
-        "--gradient-accumulation-steps": args.gradient_accumulation_steps,
         "--precision": precision,
         "--num-vectors": num_vectors,
         "--seed": args.seed,
@@ -1230,6 +1232,16 @@ def resume_state(embedding_path, resumed, fingerprint):
     which way the run resumes."""
     state_path = os.path.join(os.path.dirname(embedding_path), TRAINING_STATE_FILE)
     state = load_training_state(state_path, fingerprint)
+    embedding_step = int(resumed.metadata.get("step", 0))
+    if state and (
+        int(state["step"]) != embedding_step
+        or not np.array_equal(state["learned_embedding"], resumed.vectors)
+    ):
+        print(
+            f"The training state {state_path} is of step {int(state['step'])}, the embedding "
+            f"{embedding_path} of step {embedding_step}: resuming the embedding alone."
+        )
+        state = None
     if state:
         print(
             f"Resuming step {int(state['step'])} with its training state ({state_path}): "
@@ -1321,7 +1333,8 @@ def prepare_output_dir(output_dir, resume=None):
 """
 **How long a run is.** A run has `--epochs` epochs of steps, or `--max-train-steps`
 steps in all if that is fewer; a step is one batch. A resumed run goes on from the step
-its embedding reached, on the same learning-rate schedule, and stops at the same total.
+its embedding reached, and stops at the same total; the cosine decay runs over
+`--epochs`, so a larger `--epochs` stretches the rest of it.
 """
 
 
@@ -1387,6 +1400,19 @@ def stop_training_on_signals(trainer):
             signal.signal(sig, handler)
 
 
+class StopAfterSignal(keras.callbacks.Callback):
+    """Keras clears `stop_training` when a `fit` begins: a signal that came just before
+    still stops training, after the next step."""
+
+    def __init__(self, signals_received):
+        super().__init__()
+        self.signals_received = signals_received
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.signals_received:
+            self.model.stop_training = True
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.failed_step = None
@@ -1445,8 +1471,9 @@ class StepProgressBar(keras.callbacks.Callback):
 
 """
 **The loss** of every step goes to `loss.csv` (step, epoch, loss, seconds) and, at the
-end, to `loss.png`. A resumed run first cuts the log back to the step it resumes from. A real run's loss is noisy from step to step, as each step draws a
-new timestep and noise; the plot adds a running mean.
+end, to `loss.png`. A resumed run first cuts the log back to the step it resumes from.
+A real run's loss is noisy from step to step, as each step draws a new timestep and
+noise; the plot adds a running mean.
 """
 
 
@@ -1494,7 +1521,7 @@ def cut_loss_log(path, step):
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
-        header, *rows = list(csv.reader(f))
+        header, *rows = list(csv.reader(f)) or [["step", "epoch", "loss", "seconds"]]
     kept = [row for row in rows if len(row) == len(header) and row[0].isdigit()]
     kept = [row for row in kept if int(row[0]) <= step]
     with open(path + ".partial", "w", newline="") as f:
@@ -1785,7 +1812,7 @@ def conv_input_gradient(kernel, upstream, input_shape, stride):
     return tf.add_n(taps)
 
 
-def rows_of(shape):
+def static_rows(shape):
     return math.prod(shape[:-1]) if None not in shape[:-1] else None
 
 
@@ -1796,7 +1823,7 @@ def convolution_with_fast_input_gradient(stride):
 
         def gradient(upstream):
             strides = [1, stride, stride, 1]
-            rows = rows_of(upstream.shape)
+            rows = static_rows(upstream.shape)
             if rows is not None and rows <= FAST_GRADIENT_ROWS:
                 x_gradient = conv_input_gradient(kernel, upstream, x.shape, stride)
             else:
@@ -1827,7 +1854,7 @@ def dense_with_fast_input_gradient(x, kernel, bias):
 
     def gradient(upstream):
         upstream_2d = tf.reshape(upstream, (-1, out_features))
-        rows = rows_of(x.shape)
+        rows = static_rows(x.shape)
         if rows is not None and rows <= FAST_GRADIENT_ROWS:
             x_gradient = kernel_first_matmul(kernel, upstream_2d)
         else:
@@ -1860,8 +1887,12 @@ def use_fast_input_gradients(diffusion_model):
     (the same weights); before the train step is traced. Returns how many."""
     swapped = 0
     for layer in diffusion_model._flatten_layers(include_self=False):
+        if getattr(layer, "quantization_mode", None) is not None:
+            continue
         if type(layer) is keras.layers.Conv2D and layer.padding == "valid":
-            if layer.strides[0] == layer.strides[1] and layer.strides[0] in CONVOLUTIONS:
+            plain = layer.groups == 1 and tuple(layer.dilation_rate) == (1, 1)
+            plain = plain and layer.data_format == "channels_last"
+            if plain and layer.strides[0] == layer.strides[1] and layer.strides[0] in CONVOLUTIONS:
                 layer.__class__ = FastGradientConv2D
                 swapped += 1
         elif type(layer) is keras.layers.Dense:
@@ -1942,19 +1973,19 @@ same trade).
 CACHED_VIEWS = 10
 
 
-def encode_views(images, latent_encoder, seed=SEED, views=CACHED_VIEWS, augment=augment):
+def encode_views(images, latent_encoder, seed=SEED, views=CACHED_VIEWS, make_view=augment):
     """The encoder's outputs for `views` augmented views of each image, as an array
     [images, views, resolution / 8, resolution / 8, 8]. View v of image i is augmented
     with the seed (seed, i * views + v), so the same seed caches the same views."""
     progress = keras.utils.Progbar(len(images) * views, unit_name="view")
     print(f"Caching the latents of {views} views of {len(images)} images:")
-    encoded = np.zeros((len(images), views, *latent_encoder.output.shape[1:]), "float32")
+    encoded = []
     for i, image in enumerate(images):
         for v in range(views):
-            view = augment(image, tf.constant([seed, i * views + v], "int64"))
-            encoded[i, v] = ops.convert_to_numpy(latent_encoder(view[None], training=False))[0]
+            view = make_view(image, tf.constant([seed, i * views + v], "int64"))
+            encoded.append(ops.convert_to_numpy(latent_encoder(view[None], training=False))[0])
             progress.add(1)
-    return encoded
+    return np.stack(encoded).reshape(len(images), views, *encoded[0].shape).astype("float32")
 
 
 def cache_latents(sets, latent_encoder, seed=SEED, views=CACHED_VIEWS):
@@ -3166,7 +3197,8 @@ def run_training(
     cut_loss_log(loss_log, initial_step)
     loss_logger = LossLogger(loss_log)
     non_finite_guard = StopOnNonFiniteLoss()
-    callbacks = [non_finite_guard, StepProgressBar(epoch_steps, total_steps), loss_logger]
+    # The loss is logged first, under its own step, before a non-finite one is undone.
+    callbacks = [loss_logger, non_finite_guard, StepProgressBar(epoch_steps, total_steps)]
     callbacks.append(StopAfterSteps(total_steps))
     callbacks += training_callbacks(
         stable_diffusion, args, placeholder_token, sample_prompts, fingerprint or {}
@@ -3178,6 +3210,7 @@ def run_training(
         )
 
     with stop_training_on_signals(trainer) as signals_received:
+        callbacks.append(StopAfterSignal(signals_received))
         train_from_step(trainer, steps_from, epoch_steps, args.epochs, initial_step, callbacks)
     loss_logger.print_step_time()
 

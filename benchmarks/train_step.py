@@ -36,6 +36,20 @@ The last line printed is a one-line summary.
 Measured so far (128 px, batch 1, random weights; compare figures from one run only,
 as machines differ):
 
+- 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic, 2026-11-26, `python
+  benchmarks/train_step.py --steps 3 --sample-steps 0` (auto chose float32; ours with
+  the fast UNet input gradients): tutorial 5187 ms/step, ours 3385 ms/step (0.65x).
+  Where ours went: VAE encoder 676 ms, text encoder forward and backward 685 ms, UNet
+  forward 815 ms, UNet backward 1079 ms, optimizer and the rest 130 ms; the floor
+  1894 ms. The same command with `--no-fast-gradients`, right after: tutorial 6046
+  ms/step, ours 5060 ms/step (0.84x), UNet forward 986 ms and backward 2547 ms (2.6
+  forwards). A profile by op type put two thirds of that backward in
+  `Conv2DBackpropInput` (1649 of 2554 ms of op time) and most of the rest in the
+  Dense layers' transposed `MatMul`s, at the UNet's 4x4 and 2x2 levels. With
+  `--cache-latents`, right after: tutorial 5228 ms/step, ours 2639 ms/step (0.50x),
+  and no VAE encoder in the breakdown (text encoder 742, UNet forward 983, UNet
+  backward 1011 ms).
+
 - 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic, 2026-11-25, `python
   benchmarks/train_step.py --steps 3 --sample-steps 0` (auto chose float32): tutorial
   5392 ms/step, ours 4532 ms/step (0.84x). Where ours went: VAE encoder 569 ms, text

@@ -25,7 +25,7 @@ def test_a_step_on_cached_latents_computes_the_loss_of_a_step_on_the_image(
     files = ti.resolve_image_files([image_folder])[:1]
     images = ti.load_images(files, RESOLUTION)
     unchanged = lambda image, seed: image  # noqa: E731 (a view that is the image itself)
-    views = ti.encode_views(images, latent_encoder, views=2, augment=unchanged)
+    views = ti.encode_views(images, latent_encoder, views=2, make_view=unchanged)
     assert views.shape == (1, 2, LATENT_SIZE, LATENT_SIZE, 8)  # mean and log-variance
 
     stable_diffusion = concept["stable_diffusion"]
@@ -53,7 +53,7 @@ def test_cached_views_are_augmented_and_pair_with_every_prompt(
     tokenizer = concept["tokenizer"]
     sets = ti.cache_latents(ti.training_sets(args, tokenizer, PLACEHOLDER), latent_encoder)
     train_ds = ti.assemble_train_dataset(
-        sets, args.batch_size, args.seed, epochs=1, augment=ti.pick_cached_view
+        sets, args.batch_size, args.seed, epochs=1, make_view=ti.pick_cached_view
     )
     examples = list(train_ds.unbatch())
     assert len(examples) == 2 * ti.PROMPT_REPEATS

@@ -25,6 +25,12 @@ TOKEN = "<my-funny-cat-token>"
 SEED = 7
 STEPS = 6
 SAVED_AT = 3
+# The losses of the resumed steps equal the unstopped run's bit for bit. The vectors
+# did too when this ran alone; in the whole suite, 84 of their 1,536 components once
+# differed by a float32 ulp (3.7e-9) after the last update. A state that missed
+# anything (Adam's moments or step, the random state, the data's place) would move
+# them by up to about the learning rate, 1e-2.
+VECTOR_TOLERANCE = 1e-7
 
 
 class RecordLosses(keras.callbacks.Callback):
@@ -86,11 +92,11 @@ def assert_same_run(unstopped, resumed):
     assert sorted(unstopped_losses) == list(range(1, STEPS + 1))
     assert sorted(resumed_losses) == list(range(SAVED_AT + 1, STEPS + 1))
     for step in resumed_losses:
-        assert resumed_losses[step] == unstopped_losses[step], step
-    np.testing.assert_array_equal(resumed_vectors, unstopped_vectors)
+        assert resumed_losses[step] == unstopped_losses[step], step  # bit for bit
+    np.testing.assert_allclose(resumed_vectors, unstopped_vectors, rtol=0, atol=VECTOR_TOLERANCE)
 
 
-def test_a_resumed_run_of_two_vectors_in_batches_of_two_ends_bit_for_bit_as_unstopped(
+def test_a_resumed_run_of_two_vectors_in_batches_of_two_ends_as_the_unstopped_one(
     concept, tmp_path
 ):
     stable_diffusion = concept["stable_diffusion"]
@@ -187,3 +193,28 @@ def test_the_loss_log_is_cut_back_to_the_step_a_run_resumes_from(tmp_path):
     with open(path) as f:
         kept = list(csv.DictReader(f))
     assert [int(row["step"]) for row in kept] == [1, 2, 3]
+
+
+def test_an_empty_or_header_only_loss_log_is_kept_as_a_header(tmp_path):
+    empty, header_only = str(tmp_path / "empty.csv"), str(tmp_path / "header.csv")
+    open(empty, "w").close()  # killed between creating the file and writing its header
+    with open(header_only, "w") as f:
+        f.write("step,epoch,loss,seconds\n")
+    for path in (empty, header_only):
+        ti.cut_loss_log(path, 3)
+        with open(path) as f:
+            assert f.read().strip() == "step,epoch,loss,seconds"
+
+
+def test_a_state_of_another_step_than_the_embedding_is_not_used(trainer, tmp_path, capsys):
+    """A snapshot of an earlier step, resumed from a folder whose state went further."""
+    ti.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
+    snapshot = str(tmp_path / "snapshot.safetensors")
+    vectors = trainer.learned_embedding.numpy() + 1.0
+    ti.save_embedding(snapshot, TOKEN, vectors, {"step": 5})
+    resumed = ti.load_embedding(snapshot)
+    assert ti.resume_state(snapshot, resumed, fingerprint()) is None
+    assert "resuming the embedding alone" in capsys.readouterr().out
+    embedding = str(tmp_path / ti.EMBEDDING_FILE)
+    state = ti.resume_state(embedding, ti.load_embedding(embedding), fingerprint())
+    assert int(state["step"]) == 0

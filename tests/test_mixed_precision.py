@@ -76,6 +76,7 @@ def test_mixed_bfloat16_loss_equals_float32_loss(concept):
 def loss_and_unscaled_gradient(stable_diffusion, placeholder_token_id, images, token_ids):
     trainer = ti.build_trainer(stable_diffusion, [placeholder_token_id], 1e-4, seed=0)
     trainer.seed_generator.state.assign(np.array([1, 0], dtype="uint32"))
+    ti.build_optimizer(trainer)  # a loss-scale optimizer has its scale once built
     loss, gradient = trainer.loss_and_gradient(images, token_ids)
     scale = 1.0
     if isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer):

@@ -2,8 +2,8 @@
 
 Three runs start together, in a module fixture: a run with --distribute on two logical
 CPU devices, the same run on one device, and the same run once more, killed with
-SIGKILL after its third step, resumed and stopped with Ctrl-C, and resumed again to
-the end. Most of a run's time is building and tracing the models, which keeps one core
+SIGKILL after its third step (it sends the signal to itself, so that the step is always
+the same), resumed and stopped with Ctrl-C, and resumed again to the end. Most of a run's time is building and tracing the models, which keeps one core
 busy, so side by side they take little longer than the longest alone. The two tools,
 `generate` and `evaluate`, then run side by side too.
 """
@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -48,9 +47,31 @@ LOSS_TOLERANCE = 1e-4
 VECTOR_TOLERANCE = 1e-4
 
 # 2 images and 1 prompt make 5 examples, 2 steps an epoch with a batch of 2.
-STEPS_PER_EPOCH = 2
-STEPS = 6
-KILLED_AFTER = 3  # logged steps; the state is saved every 2
+STEPS = 4
+# Every loss of a resumed run equals the unstopped run's bit for bit, and so did the
+# vectors of these runs; in-process we once saw 84 of 1,536 components differ by an
+# ulp (3.7e-9). A state that missed anything (Adam's moments, the step, the random
+# state, the data's place) moves the vector by about the learning rate, 1e-2.
+RESUME_TOLERANCE = 1e-7
+STOPPED_AFTER = 3  # steps: SIGKILL after the third, then SIGINT after the third again
+
+# The script's main(), with a signal sent to itself right after a step is logged: the
+# step the signal comes after is then the same in every run, however busy the machine.
+SIGNAL_AFTER_STEP = f"""
+import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import textual_inversion as ti
+signal_name, after_step = sys.argv.pop(1), int(sys.argv.pop(1))
+log_step = ti.LossLogger.on_train_batch_end
+
+def log_step_then_signal(self, batch, logs=None):
+    log_step(self, batch, logs)
+    if int(self.model.step.numpy()) == after_step:
+        os.kill(os.getpid(), getattr(signal, signal_name))
+
+ti.LossLogger.on_train_batch_end = log_step_then_signal
+ti.run_command(ti.main)
+"""
 
 
 class Run:
@@ -91,18 +112,12 @@ def read_loss_rows(path):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    return [row for row in rows if None not in row.values()]  # not a row being written
 
 
 def step_losses(output_dir):
     return [float(row["loss"]) for row in read_loss_rows(os.path.join(output_dir, "loss.csv"))]
-
-
-def wait_for_steps(run, output_dir, steps, timeout=1200):
-    deadline = time.time() + timeout
-    while len(step_losses(output_dir)) < steps and run.process.poll() is None:
-        assert time.time() < deadline, f"not {steps} steps within {timeout} s"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +137,10 @@ def runs(tmp_path_factory, image_folder):
             [SCRIPT, *training_flags(image_folder, root / "one-device")], root / "one-device"
         ),
         "killed": Run(
-            [SCRIPT, *training_flags(image_folder, root / "run"), "--save-every-steps", 2],
+            ["-c", SIGNAL_AFTER_STEP, "SIGKILL", STOPPED_AFTER,
+             *training_flags(image_folder, root / "run"), "--save-every-steps", 2],
             root / "killed",
-        ),
+        ),  # fmt: skip
     }
     yield root, runs
     for run in runs.values():
@@ -138,31 +154,22 @@ def runs(tmp_path_factory, image_folder):
 
 @pytest.fixture(scope="module")
 def stopped_and_resumed(runs, image_folder):
-    """The run killed with SIGKILL after its third logged step; resumed and stopped by
-    SIGINT after one more step; resumed again, with samples, to its last step."""
+    """The run killed with SIGKILL after its third step (its state saved after the
+    second); resumed, and stopped by SIGINT after the third step again; resumed again,
+    within its second epoch, with samples, to its last step."""
     root, runs = runs
     output_dir = root / "run"
     flags = [*training_flags(image_folder, output_dir), "--save-every-steps", 2]
     resume = ["--resume", output_dir / ti.EMBEDDING_FILE]
 
     killed = runs["killed"]
-    wait_for_steps(killed, output_dir, KILLED_AFTER)
-    killed.process.send_signal(signal.SIGKILL)
     killed.finish()
     logged_when_killed = len(step_losses(output_dir))
     saved_when_killed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
 
-    loss_log = output_dir / "loss.csv"
-    killed_log = os.stat(loss_log).st_ino
-    interrupted = Run([SCRIPT, *flags, *resume], root / "interrupted")
-    # The resumed run rewrites the log, cut back to its saved step; then one step more.
-    deadline = time.time() + 1200
-    while interrupted.process.poll() is None and os.stat(loss_log).st_ino == killed_log:
-        assert time.time() < deadline, "the resumed run did not start within 20 minutes"
-        time.sleep(0.2)
-    signalled_after = int(saved_when_killed.metadata["step"]) + 1
-    wait_for_steps(interrupted, output_dir, signalled_after)
-    interrupted.process.send_signal(signal.SIGINT)
+    interrupted = Run(
+        ["-c", SIGNAL_AFTER_STEP, "SIGINT", STOPPED_AFTER, *flags, *resume], root / "interrupted"
+    )
     interrupted.finish()
     saved_when_interrupted = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
 
@@ -170,14 +177,13 @@ def stopped_and_resumed(runs, image_folder):
     return dict(
         output_dir=output_dir, killed=killed, logged_when_killed=logged_when_killed,
         saved_when_killed=saved_when_killed, interrupted=interrupted,
-        signalled_after=signalled_after, saved_when_interrupted=saved_when_interrupted,
-        finished=finished,
+        saved_when_interrupted=saved_when_interrupted, finished=finished,
     )  # fmt: skip
 
 
 def test_a_killed_run_leaves_whole_files_of_its_last_save(stopped_and_resumed):
     assert stopped_and_resumed["killed"].process.returncode == -signal.SIGKILL
-    assert stopped_and_resumed["logged_when_killed"] >= KILLED_AFTER
+    assert stopped_and_resumed["logged_when_killed"] == STOPPED_AFTER
     assert stopped_and_resumed["saved_when_killed"].metadata["step"] == "2"
     assert not [
         name for name in os.listdir(stopped_and_resumed["output_dir"]) if ".partial" in name
@@ -190,20 +196,17 @@ def test_ctrl_c_saves_the_embedding_and_exits_130_with_the_resume_command(stoppe
     assert "Traceback" not in interrupted.stderr
     assert "Stopped by SIGINT" in interrupted.stderr and "--resume" in interrupted.stderr
     assert "Resuming step 2 with its training state" in interrupted.stdout
-    # It stops after the step that was running when the signal came.
-    saved_step = int(stopped_and_resumed["saved_when_interrupted"].metadata["step"])
-    signalled_after = stopped_and_resumed["signalled_after"]
-    assert saved_step in (signalled_after, signalled_after + 1)
+    assert stopped_and_resumed["saved_when_interrupted"].metadata["step"] == str(STOPPED_AFTER)
 
 
-def test_a_killed_and_stopped_run_ends_bit_for_bit_where_the_unstopped_run_does(
-    runs, stopped_and_resumed
-):
+def test_a_killed_and_stopped_run_ends_where_the_unstopped_run_does(runs, stopped_and_resumed):
     root, runs = runs
     finished = stopped_and_resumed["finished"]
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert runs["single"].finish() == 0, runs["single"].stderr[-3000:]
-    assert "with its training state" in finished.stdout
+    assert "Resuming step 3 with its training state" in finished.stdout
+    # The progress bar counts the 1 step left of the second epoch, not the epoch's 2.
+    assert "1/1" in finished.stdout and "2/2" not in finished.stdout
 
     output_dir, unstopped_dir = stopped_and_resumed["output_dir"], root / "one-device"
     rows = read_loss_rows(output_dir / "loss.csv")
@@ -212,7 +215,7 @@ def test_a_killed_and_stopped_run_ends_bit_for_bit_where_the_unstopped_run_does(
     resumed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
     unstopped = ti.load_embedding(str(unstopped_dir / ti.EMBEDDING_FILE))
     assert resumed.metadata["step"] == unstopped.metadata["step"] == str(STEPS)
-    np.testing.assert_array_equal(resumed.vectors, unstopped.vectors)
+    np.testing.assert_allclose(resumed.vectors, unstopped.vectors, rtol=0, atol=RESUME_TOLERANCE)
 
 
 def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_images(
@@ -223,11 +226,9 @@ def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_ima
     assert os.path.getsize(output_dir / "loss.png") > 0
     assert os.path.exists(output_dir / "learned_words.json")
 
-    # Samples of the epochs that ended in the last part of the run.
-    resumed_from = int(stopped_and_resumed["saved_when_interrupted"].metadata["step"])
-    epochs = range(resumed_from // STEPS_PER_EPOCH + 1, STEPS // STEPS_PER_EPOCH + 1)
+    # Samples of the one epoch that ended in the last part of the run, its second.
     slugs = [ti.slugify(p.format(PLACEHOLDER)) for p in ti.SAMPLE_PROMPTS]
-    expected = [f"epoch-{epoch:03d}_{slug}.png" for epoch in epochs for slug in slugs]
+    expected = [f"epoch-002_{slug}.png" for slug in slugs]
     assert sorted(os.listdir(output_dir / "samples")) == sorted(expected + ["progress.png"])
     assert len(os.listdir(output_dir / "final")) == len(ti.FINAL_PROMPTS)
 

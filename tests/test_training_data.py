@@ -2,6 +2,7 @@
 
 import collections
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -182,3 +183,39 @@ def test_crops_are_squares_of_80_to_100_percent_of_the_image_and_half_are_flippe
         augmented = ti.augment(image, tf.constant([5, n], "int64")).numpy()
         flipped += augmented[8, 0, 0] > augmented[8, -1, 0]  # columns run right to left
     assert 35 <= flipped <= 65
+
+
+class ChecksumModel(keras.Model):
+    """Trains nothing; reports a checksum of each batch it is given."""
+
+    def train_step(self, data):
+        images, token_ids = data
+        return {"checksum": tf.reduce_sum(images) + tf.cast(tf.reduce_sum(token_ids), "float32")}
+
+
+class RecordChecksums(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.checksums = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.checksums.append(float(logs["checksum"]))
+
+
+@pytest.mark.parametrize("first_step", [0, 8])  # 8: within the second of 3 epochs of 7
+def test_fit_sees_the_runs_batches_in_order_epoch_after_epoch(tokenizer, first_step):
+    sets = small_sets(tokenizer)
+    epoch_steps = ti.steps_per_epoch(sets, 2)
+
+    def steps_from(step):
+        return ti.assemble_train_dataset(sets, 2, seed=3, epochs=3, first_step=step)
+
+    expected = [
+        float(tf.reduce_sum(images) + tf.cast(tf.reduce_sum(ids), "float32"))
+        for images, ids in steps_from(first_step)
+    ]
+    model = ChecksumModel()
+    model.compile()
+    recorder = RecordChecksums()
+    ti.train_from_step(model, steps_from, epoch_steps, 3, first_step, [recorder])
+    np.testing.assert_allclose(recorder.checksums, expected, rtol=1e-6)

@@ -1,6 +1,7 @@
 """Mistakes a new user makes end in one clear sentence, before the models are built;
 interruptions and a diverging loss keep what was learned."""
 
+import csv
 import json
 import os
 
@@ -204,6 +205,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(concept, tmp_pa
         ti.run_training(stable_diffusion, sets, [placeholder_token_id], args, PLACEHOLDER)
     assert "--resume" in str(raised.value)
 
+    # The failed step is logged under its own number, so a resume cuts it away.
+    with open(tmp_path / "loss.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["step"] == "1" and row["loss"] == "nan"
     saved = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))
     assert np.isfinite(saved.vectors).all()
     np.testing.assert_array_equal(saved.vectors, row_before)
