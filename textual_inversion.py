@@ -3004,7 +3004,7 @@ def check_drawing_args(args):
 
 
 def check_batch_fits(sets, batch_size):
-    examples = sum(len(pairs.token_ids) * PROMPT_REPEATS for pairs in sets)
+    examples = steps_per_epoch(sets, batch_size=1)
     if batch_size > examples:
         raise UserError(
             f"--batch-size {batch_size} is more than the {examples} examples of an "

@@ -1,6 +1,7 @@
 """Shared, expensive test fixtures: the real KerasCV models, with random weights, at
 128 px (the smallest the UNet takes), built once per test session."""
 
+import contextlib
 import os
 import shutil
 import sys
@@ -107,3 +108,24 @@ def concept(image_folder):
         original_text_encoder=original_text_encoder,
         images=ti.load_images(ti.resolve_image_files([image_folder]), RESOLUTION),
     )
+
+
+@contextlib.contextmanager
+def two_vector_encoder(concept, token):
+    """The concept's Stable Diffusion with a text encoder that has `token` as two new
+    tokens, both starting as "cat"; yields (tokenizer, their ids), then puts the
+    one-token encoder back."""
+    stable_diffusion = concept["stable_diffusion"]
+    tokenizer = ti.build_tokenizer()
+    ids, initializer_id = ti.add_placeholder_tokens(tokenizer, token, "cat", num_vectors=2)
+    original = concept["original_text_encoder"]
+    shared_encoder = stable_diffusion._text_encoder
+    stable_diffusion._text_encoder = ti.extend_text_encoder(
+        original, ti.token_rows(original, [initializer_id] * 2)
+    )
+    ti.freeze_models(stable_diffusion)
+    try:
+        yield tokenizer, ids
+    finally:
+        stable_diffusion._text_encoder = shared_encoder
+        ti.freeze_models(stable_diffusion)

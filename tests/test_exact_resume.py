@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 
 import textual_inversion as ti
+from conftest import two_vector_encoder
 
 TOKEN = "<my-funny-cat-token>"
 SEED = 7
@@ -100,19 +101,9 @@ def test_a_resumed_run_of_two_vectors_in_batches_of_two_ends_as_the_unstopped_on
     concept, tmp_path
 ):
     stable_diffusion = concept["stable_diffusion"]
-    tokenizer = ti.build_tokenizer()
-    placeholder_ids, initializer_id = ti.add_placeholder_tokens(tokenizer, TOKEN, "cat", 2)
-    original = concept["original_text_encoder"]
-    shared_encoder = stable_diffusion._text_encoder
-    stable_diffusion._text_encoder = ti.extend_text_encoder(
-        original, ti.token_rows(original, [initializer_id] * 2)
-    )
-    ti.freeze_models(stable_diffusion)
-    try:
+    with two_vector_encoder(concept, TOKEN) as (tokenizer, placeholder_ids):
         sets = pairs_of(concept, tokenizer, ti.placeholder_text(TOKEN, 2), images=2)
         unstopped, resumed = stop_and_resume(stable_diffusion, placeholder_ids, sets, 2, tmp_path)
-    finally:
-        stable_diffusion._text_encoder = shared_encoder
     assert unstopped[0].shape == (2, 768)
     assert_same_run(unstopped, resumed)
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
-from conftest import import_tool
+from conftest import import_tool, two_vector_encoder
 
 evaluate = import_tool("evaluate")
 
@@ -17,7 +17,11 @@ def test_names_get_consecutive_ids_and_prompts_expand_in_order():
     vocabulary_size = len(tokenizer.vocab)
     ids, _ = ti.add_placeholder_tokens(tokenizer, TOKEN, "cat", num_vectors=3)
     assert sorted(ids) == list(range(vocabulary_size, vocabulary_size + 3))
-    assert ti.placeholder_names(TOKEN, 3) == [TOKEN, "<my-funny-cat-token-1>", "<my-funny-cat-token-2>"]
+    assert ti.placeholder_names(TOKEN, 3) == [
+        TOKEN,
+        "<my-funny-cat-token-1>",
+        "<my-funny-cat-token-2>",
+    ]
     encoded = ti.encode_prompt(tokenizer, "a photo of " + ti.placeholder_text(TOKEN, 3))
     # Each name is one token, in name order: "<t>" does not match inside "<t-1>".
     assert encoded[4:7].tolist() == ids
@@ -50,15 +54,8 @@ def test_loading_a_two_vector_embedding_expands_prompts_and_rows():
 
 def test_training_two_vectors_changes_both_rows_and_nothing_else(concept, tmp_path):
     stable_diffusion = concept["stable_diffusion"]
-    tokenizer = ti.build_tokenizer()
-    ids, initializer_id = ti.add_placeholder_tokens(tokenizer, TOKEN, "cat", num_vectors=2)
     original = concept["original_text_encoder"]
-    shared_encoder = stable_diffusion._text_encoder
-    stable_diffusion._text_encoder = ti.extend_text_encoder(
-        original, ti.token_rows(original, [initializer_id] * 2)
-    )
-    ti.freeze_models(stable_diffusion)
-    try:
+    with two_vector_encoder(concept, TOKEN) as (tokenizer, ids):
         before = ti.token_rows(stable_diffusion.text_encoder, np.arange(len(tokenizer.vocab)))
         trainer = ti.build_trainer(stable_diffusion, ids, learning_rate=0.05, seed=0)
         images = concept["images"][:1].astype("float32")
@@ -93,9 +90,6 @@ def test_training_two_vectors_changes_both_rows_and_nothing_else(concept, tmp_pa
             stable_diffusion.text_encoder([tf.constant(token_ids), positions]).numpy(),
             atol=1e-6,
         )
-    finally:
-        stable_diffusion._text_encoder = shared_encoder
-        ti.freeze_models(stable_diffusion)
 
 
 def test_num_vectors_below_one_is_refused():
