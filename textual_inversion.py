@@ -23,30 +23,28 @@ beyond it follows, reached through flags; the command line comes last.
 """
 
 import argparse
-import contextlib
-import csv
 import functools
-import glob
-import hashlib
-import json
 import math
 import os
 import re
-import signal
-import struct
 import sys
-import time
+import tempfile
 from typing import NamedTuple
 
 import keras
 import keras_cv
 import matplotlib
 import numpy as np
-import safetensors
-import safetensors.numpy
 import tensorflow as tf
 from keras import ops
 from keras_cv.models.stable_diffusion import NoiseScheduler
+
+from textual_inversion_extras import checkpoints, hardware, run_control, saving
+from textual_inversion_extras import unet_backward, watching
+from textual_inversion_extras.errors import Interrupted, UserError, run_command
+from textual_inversion_extras.errors import is_download_error, keras_download_cache
+from textual_inversion_extras.watching import slugify
+from textual_inversion_extras.hardware import global_dtype_policy
 
 if not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
     # Run as a script, draw into files; in a notebook (Colab) keep the inline plots.
@@ -74,38 +72,31 @@ MAX_PROMPT_LENGTH = 77  # the CLIP text encoder's fixed input length
 LATENT_SCALE = 0.18215  # the "magic" constant Stable Diffusion's latents were scaled by
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one sentence, without a traceback."""
-
-    exit_code = 2
-
-
 """
 ## Building StableDiffusion
 
 We build a `keras_cv.models.StableDiffusion`, whose four parts (text encoder, VAE image
 encoder, diffusion UNet, VAE decoder) we use below to fine-tune. It downloads their
 weights (about 4 GB) the first time each part is used, so we touch each part now.
-
-For smoke runs and tests on a machine without the weights, `random_weights=True` builds
-the very same KerasCV classes with `download_weights=False` instead.
+(`--random-weights`, `--base-model` and `--precision` build them their own way.)
 """
 
-
-def sd_parts(stable_diffusion):
-    """The four models, built (and their weights loaded) on first access."""
-    parts = ("text_encoder", "image_encoder", "diffusion_model", "decoder")
-    return [getattr(stable_diffusion, part) for part in parts]
+SD_PARTS = ("text_encoder", "image_encoder", "diffusion_model", "decoder")
 
 
-def keras_download_cache():
-    """Where `keras.utils.get_file` keeps (and first looks for) its downloads."""
-    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    return os.path.join(keras_home, "datasets")
-
-
-def is_download_error(error):
-    return "fetch failure" in str(error) or "URL" in str(error)
+def sd_parts(stable_diffusion, parts=SD_PARTS):
+    """The models, built (and their weights downloaded) on first access."""
+    try:
+        return [getattr(stable_diffusion, part) for part in parts]
+    except Exception as error:
+        if not is_download_error(error):
+            raise
+        raise UserError(
+            f"Could not download the Stable Diffusion weights ({error}); connect to "
+            "the internet, or place kcv_encoder.h5, vae_encoder.h5, "
+            "kcv_diffusion_model.h5 and kcv_decoder.h5 in "
+            f"{keras_download_cache()}, or use --random-weights for a smoke run."
+        ) from None
 
 
 def build_tokenizer():
@@ -121,42 +112,13 @@ def build_tokenizer():
         ) from None
 
 
-def build_stable_diffusion(
-    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32"
-):
-    # The dtype policy applies to every layer built from here on.
-    keras.mixed_precision.set_global_policy(precision)
+def build_stable_diffusion(resolution, tokenizer):
     stable_diffusion = keras_cv.models.StableDiffusion(
-        img_height=resolution, img_width=resolution, jit_compile=jit_compile
+        img_height=resolution, img_width=resolution, jit_compile=True
     )
     # The tokenizer, extended with the new token below, was made before the models.
     stable_diffusion._tokenizer = tokenizer
-    try:
-        if random_weights:
-            sd_models = keras_cv.models.stable_diffusion
-            stable_diffusion._text_encoder = sd_models.TextEncoder(
-                MAX_PROMPT_LENGTH, download_weights=False
-            )
-            stable_diffusion._image_encoder = sd_models.ImageEncoder(download_weights=False)
-            stable_diffusion._diffusion_model = sd_models.DiffusionModel(
-                resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
-            )
-            stable_diffusion._decoder = sd_models.Decoder(
-                resolution, resolution, download_weights=False
-            )
-            for model in sd_parts(stable_diffusion):
-                model.compile(jit_compile=jit_compile)  # as keras-cv does
-        # Touch each part so that its weights load (or download) now, not mid-run.
-        sd_parts(stable_diffusion)
-    except Exception as error:
-        if not is_download_error(error):
-            raise
-        raise UserError(
-            f"Could not download the Stable Diffusion weights ({error}); connect to "
-            "the internet, or place kcv_encoder.h5, vae_encoder.h5, "
-            "kcv_diffusion_model.h5 and kcv_decoder.h5 in "
-            f"{keras_download_cache()}, or use --random-weights for a smoke run."
-        ) from None
+    sd_parts(stable_diffusion)
     return stable_diffusion
 
 
@@ -183,10 +145,6 @@ def save_images(images, path):
     """Writes a batch of uint8 images side by side into one PNG file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     plt.imsave(path, np.concatenate(list(images), axis=1))
-
-
-def slugify(text, max_length=60):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length]
 
 
 """
@@ -237,19 +195,13 @@ SINGLE_PROMPTS = [
 
 """
 The images are downloaded once into the Keras cache, resized to the model's resolution
-and scaled to [-1, 1], the range the StableDiffusion image encoder expects. With random
-weights (a smoke run) nothing is downloaded: a URL that is not in the Keras cache yet
-becomes a synthetic stand-in image.
+and scaled to [-1, 1], the range the StableDiffusion image encoder expects.
 """
 
 
-def download_images(urls, download=True):
+def download_images(urls):
     files = []
     for url in urls:
-        cached = os.path.join(keras_download_cache(), os.path.basename(url))
-        if not download:
-            files.append(cached if os.path.exists(cached) else url)
-            continue
         try:
             files.append(keras.utils.get_file(origin=url))
         except Exception as error:
@@ -260,23 +212,10 @@ def download_images(urls, download=True):
     return files
 
 
-def synthetic_image(name, resolution):
-    """A smooth random-colour image, the same for the same name (smoke runs only)."""
-    rng = np.random.default_rng(sum(name.encode()))
-    corners = rng.uniform(0, 255, size=(2, 2, 3)).astype("float32")
-    return ops.convert_to_numpy(
-        keras.layers.Resizing(resolution, resolution, interpolation="bilinear")(corners)
-    )
-
-
 def load_images(files, resolution):
     resize = keras.layers.Resizing(height=resolution, width=resolution, crop_to_aspect_ratio=True)
     images = []
     for path in files:
-        if re.match(r"^(https?|ftp)://", path):
-            print(f"--random-weights: {path} is not downloaded; using a synthetic image.")
-            images.append(synthetic_image(path, resolution))
-            continue
         try:
             image = keras.utils.img_to_array(keras.utils.load_img(path))
         except Exception as error:
@@ -511,10 +450,14 @@ def get_embedding_layer(text_encoder):
     raise ValueError("This text encoder has no CLIP embedding layer.")
 
 
+def token_matrix(text_encoder):
+    """The text encoder's token embedding matrix, as a numpy array."""
+    return get_embedding_layer(text_encoder).token_embedding.get_weights()[0]
+
+
 def token_rows(text_encoder, token_ids):
     """The embedding rows of `token_ids`, as a numpy array."""
-    token_weights = get_embedding_layer(text_encoder).token_embedding.get_weights()[0]
-    return token_weights[np.array(token_ids)]
+    return token_matrix(text_encoder)[np.array(token_ids)]
 
 
 def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
@@ -523,12 +466,13 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
     old_token_weights = old_embedding.token_embedding.get_weights()[0]
     new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
 
-    new_encoder = keras_cv.models.stable_diffusion.TextEncoder(
-        MAX_PROMPT_LENGTH,
-        vocab_size=len(new_token_weights),
-        # Otherwise it would load the pretrained weights, of the old vocabulary size.
-        download_weights=False,
-    )
+    with global_dtype_policy(text_encoder.dtype_policy.name):
+        new_encoder = keras_cv.models.stable_diffusion.TextEncoder(
+            MAX_PROMPT_LENGTH,
+            vocab_size=len(new_token_weights),
+            # Otherwise it would load the pretrained weights, of the old vocabulary size.
+            download_weights=False,
+        )
     for old_layer, new_layer in zip(text_encoder.layers, new_encoder.layers):
         if old_layer is old_embedding:
             new_layer.token_embedding.set_weights([new_token_weights])
@@ -771,20 +715,18 @@ whole run; Adam has a small weight decay and the gradient norm is clipped.
 
 
 def build_trainer(
-    stable_diffusion,
-    placeholder_token_ids,
-    learning_rate,
-    seed=None,
-    jit_compile=False,
+    stable_diffusion, placeholder_token_ids, learning_rate, seed=None, jit_compile=False,
     trainer_class=None,
-):
+):  # fmt: skip
     noise_scheduler = NoiseScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", train_timesteps=1000
     )
-    # The extras' trainers extend this one; the tutorial's is StableDiffusionFineTuner.
+    # The extras' trainers extend this one. It computes in the text encoder's precision
+    # (under mixed_float16 Keras then scales the loss).
     trainer = (trainer_class or StableDiffusionFineTuner)(
-        stable_diffusion, noise_scheduler, placeholder_token_ids, seed=seed, name="trainer"
-    )
+        stable_diffusion, noise_scheduler, placeholder_token_ids, seed=seed, name="trainer",
+        dtype=stable_diffusion.text_encoder.dtype_policy.name,
+    )  # fmt: skip
     optimizer = keras.optimizers.Adam(
         weight_decay=0.004, learning_rate=learning_rate, epsilon=1e-8, global_clipnorm=10
     )
@@ -796,13 +738,9 @@ def train(trainer, train_ds, epoch_steps, epochs=EPOCHS, callbacks=(), **fit_opt
     # The dataset holds the whole run, already shuffled: Keras is told where an epoch
     # ends, and that the data needs no shuffling of its own.
     return trainer.fit(
-        train_ds,
-        epochs=epochs,
-        steps_per_epoch=epoch_steps,
-        callbacks=list(callbacks),
-        shuffle=False,
-        **fit_options,
-    )
+        train_ds, epochs=epochs, steps_per_epoch=epoch_steps, callbacks=list(callbacks),
+        shuffle=False, **fit_options,
+    )  # fmt: skip
 
 
 """
@@ -834,13 +772,90 @@ def generate_final_images(
 
 
 """
+## The whole run
+
+The steps above, in one function and in the tutorial's order, the cheap ones first: a
+bad token or a missing image is reported before 4 GB of weights download. `TutorialRun`
+holds the tutorial's settings and its way of taking each step; the command line takes
+some steps its own way, for its flags, through the same `run_tutorial`.
+"""
+
+
+class TutorialRun:
+    resolution, epochs, learning_rate, seed = RESOLUTION, EPOCHS, LEARNING_RATE, SEED
+    sample_every, sample_steps, output_dir = SAMPLE_EVERY, SAMPLE_STEPS, OUTPUT_DIR
+    placeholder_token, initializer_token = PLACEHOLDER_TOKEN, INITIALIZER_TOKEN
+    images, prompts = SINGLE_IMAGE_URLS, SINGLE_PROMPTS
+    group_images, group_prompts = GROUP_IMAGE_URLS, GROUP_PROMPTS
+
+    def add_token(self, tokenizer):
+        """The new token's ids, and the ids of the words their rows start from."""
+        token_id, initializer_id = add_placeholder_token(
+            tokenizer, self.placeholder_token, self.initializer_token
+        )
+        return [token_id], [initializer_id]
+
+    def text_image_pairs(self, tokenizer):
+        return [
+            assemble_dataset(download_images(images), prompts, tokenizer, self.placeholder_token, self.resolution)
+            for images, prompts in [(self.images, self.prompts), (self.group_images, self.group_prompts)]
+        ]  # fmt: skip
+
+    def build_stable_diffusion(self, tokenizer):
+        return build_stable_diffusion(self.resolution, tokenizer)
+
+    def extend_text_encoder(self, stable_diffusion, initializer_ids):
+        new_rows = token_rows(stable_diffusion.text_encoder, initializer_ids)
+        stable_diffusion._text_encoder = extend_text_encoder(
+            stable_diffusion.text_encoder, new_rows
+        )
+
+    def freeze_models(self, stable_diffusion):
+        freeze_models(stable_diffusion)
+
+    def train(self, stable_diffusion, sets, placeholder_token_ids):
+        sample_prompts = [prompt.format(self.placeholder_token) for prompt in SAMPLE_PROMPTS]
+        options = dict(steps=self.sample_steps, seed=self.seed)
+        for prompt in sample_prompts:
+            draw_samples(stable_diffusion, prompt, 0, self.output_dir, **options)
+        epoch_steps = steps_per_epoch(sets)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            self.learning_rate, decay_steps=epoch_steps * self.epochs
+        )
+        trainer = build_trainer(stable_diffusion, placeholder_token_ids, learning_rate, self.seed)
+        callbacks = [
+            GenerateImages(stable_diffusion, prompt, self.output_dir, self.sample_every, **options)
+            for prompt in sample_prompts
+        ]
+        train_ds = assemble_train_dataset(sets, seed=self.seed, epochs=self.epochs)
+        train(trainer, train_ds, epoch_steps, self.epochs, callbacks)
+        return trainer
+
+    def spin(self, stable_diffusion):
+        generate_final_images(
+            stable_diffusion, self.placeholder_token, self.output_dir, self.sample_steps, self.seed
+        )
+
+
+def run_tutorial(run=None):
+    run = run or TutorialRun()
+    tokenizer = build_tokenizer()
+    placeholder_token_ids, initializer_ids = run.add_token(tokenizer)
+    sets = run.text_image_pairs(tokenizer)
+    stable_diffusion = run.build_stable_diffusion(tokenizer)
+    run.extend_text_encoder(stable_diffusion, initializer_ids)
+    run.freeze_models(stable_diffusion)
+    trainer = run.train(stable_diffusion, sets, placeholder_token_ids)
+    run.spin(stable_diffusion)
+    return stable_diffusion, trainer
+
+
+"""
 # Beyond the tutorial
 
-The tutorial ends here. Everything below goes further, and is reached through flags
-(`python textual_inversion.py --help`). Each capability has a section of its own and
-builds on the steps above without changing them. Without flags, the run is the
-tutorial's, and it also keeps what it learns: the embedding file, the loss log and a
-few pictures to look at.
+The tutorial ends here. Everything below goes further, reached through flags (`--help`),
+and builds on the steps above without changing them. Without flags, the run is the
+tutorial's, and it also keeps what it learns: the embedding, the loss log, pictures.
 """
 
 """
@@ -854,12 +869,32 @@ two image sets are used; with them, the tutorial's group photos are left out unl
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
+def synthetic_image_file(url):
+    """A smooth random-colour image file standing for `url`, the same for the same URL:
+    with --random-weights (a smoke run) an image not in the Keras cache yet is not
+    downloaded."""
+    cached = os.path.join(keras_download_cache(), os.path.basename(url))
+    if os.path.exists(cached):
+        return cached
+    print(f"--random-weights: {url} is not downloaded; using a synthetic image.")
+    corners = np.random.default_rng(sum(url.encode())).uniform(0, 1, size=(2, 2, 3))
+    weights = np.linspace(0, 1, 64)
+    rows = corners[0] * (1 - weights[:, None, None]) + corners[1] * weights[:, None, None]
+    image = (
+        rows[:, 0][:, None] * (1 - weights[None, :, None])
+        + rows[:, 1][:, None] * weights[None, :, None]
+    )
+    path = os.path.join(tempfile.mkdtemp(prefix="synthetic-"), os.path.basename(url) + ".png")
+    plt.imsave(path, image)
+    return path
+
+
 def resolve_image_files(sources, download=True):
     """Local files for `sources` (URLs, files, folders)."""
     files = []
     for source in sources:
-        if re.match(r"^(https?|ftp)://", source):
-            files.extend(download_images([source], download))
+        if re.match(r"^(https?|ftp|file)://", source):
+            files.append(download_images([source])[0] if download else synthetic_image_file(source))
         elif os.path.isdir(source):
             found = sorted(
                 os.path.join(source, name)
@@ -1016,893 +1051,36 @@ def rows_in_id_order(vectors, token_ids):
 
 
 """
-## Extras: keeping what was learned
+## Extras: keeping, watching and stopping a run
 
-The tutorial's result died with its Colab session. Here the learned embedding is saved
-every `--save-every` epochs and at the end, as `learned_embeds.safetensors`: a single
-tensor, `{placeholder_token: float32 [num_vectors, 768]}`. That is the layout diffusers'
-`load_textual_inversion`, AUTOMATIC1111 and ComfyUI read for Stable Diffusion 1.x
-models, which all share this CLIP ViT-L/14 text encoder. The file's metadata header
-records how it was made. `--resume` goes on training from such a file.
+Each of these lives in a module of its own, in `textual_inversion_extras/`:
+
+- `saving.py`: the learned embedding, `learned_embeds.safetensors`, a single tensor
+  `{placeholder_token: float32 [num_vectors, 768]}`, the layout diffusers'
+  `load_textual_inversion`, AUTOMATIC1111 and ComfyUI read for SD 1.x; beside it the
+  training state (Adam's moments, the step, the random state), so that `--resume` goes
+  on as if the run had never stopped. Both are written whole or not at all.
+- `run_control.py`: how long a run is; Ctrl-C, SIGTERM and a non-finite loss stop it
+  after the step and keep the last good state.
+- `watching.py`: the progress bar, the loss of every step (`loss.csv`, `loss.png`), a
+  montage of the sample images, and the words nearest to the learned vectors.
+- `hardware.py`: `--precision auto` and `--xla auto` by what the hardware computes
+  fast, and the devices of `--distribute`.
 """
-
-EMBEDDING_FILE = "learned_embeds.safetensors"
-EMBEDDING_WIDTH = 768  # CLIP ViT-L/14, the text encoder of Stable Diffusion 1.x
-BASE_MODEL = "KerasCV StableDiffusion v1.4 (CLIP ViT-L/14 text encoder)"
-
-
-class LearnedEmbedding(NamedTuple):
-    token: str
-    vectors: np.ndarray  # float32 [num_vectors, 768]
-    metadata: dict
-
-
-def embedding_metadata(args, placeholder_token):
-    return {
-        "token": placeholder_token,
-        "initializer_token": args.initializer_token,
-        "epochs": args.epochs,
-        "resolution": args.resolution,
-        "learning_rate": args.learning_rate,
-        "batch_size": args.batch_size,
-        "base_model": base_model_name(args.base_model),
-        "random_weights": args.random_weights,
-    }
-
-
-def save_embedding(path, token, vectors, metadata):
-    """Writes the embedding beside `path`, then renames it: never a half-written file."""
-    metadata = {key: str(value) for key, value in metadata.items()}
-    # "pt" is what PyTorch loaders (diffusers, transformers) look for; the tensor
-    # itself is plain float32, as every safetensors file is.
-    metadata["format"] = "pt"
-    partial_path = path + ".partial"
-    safetensors.numpy.save_file(
-        {token: np.asarray(vectors, dtype="float32")}, partial_path, metadata=metadata
-    )
-    os.replace(partial_path, path)
-
-
-def load_embedding(path):
-    if not os.path.isfile(path):
-        raise UserError(
-            f"The embedding file {path} does not exist; pass the {EMBEDDING_FILE} "
-            "that a training run wrote into its output folder."
-        )
-    try:
-        with safetensors.safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:
-        raise UserError(
-            f"{path} is not a valid safetensors embedding ({error}); pass a "
-            f"{EMBEDDING_FILE} written by this script or another textual-inversion tool."
-        ) from None
-    if len(tensors) != 1:
-        raise UserError(
-            f"{path} holds {len(tensors)} tensors, but an embedding file holds one, "
-            "named by its token; pass a textual-inversion embedding."
-        )
-    token, vectors = next(iter(tensors.items()))
-    vectors = np.asarray(vectors, dtype="float32")
-    if vectors.ndim == 1:
-        vectors = vectors[None, :]
-    if vectors.ndim != 2 or vectors.shape[1] != EMBEDDING_WIDTH:
-        raise UserError(
-            f"The embedding in {path} has shape {list(vectors.shape)}, but this model's "
-            f"token vectors are {EMBEDDING_WIDTH} wide (Stable Diffusion 1.x); "
-            "embeddings for SD 2.x (1024) or SDXL do not fit it."
-        )
-    return LearnedEmbedding(token, vectors, metadata)
-
-
-"""
-**The training state.** The vector alone does not let a run go on as if it had never
-stopped: Adam's moments, the random state that draws the noise and the timesteps, and
-the run's place in its data matter too. So `training_state.safetensors` goes beside
-the embedding: the learned vectors, the step, the trainer's seed-generator state, and
-every variable of the optimizer (its iteration count, its moments and, under
-mixed_float16, its loss scale). The data needs no saving, as every batch is a function
-of the seed and the step. The embedding stays the single tensor other tools load.
-
-Both files are saved every `--save-every-steps` steps, every `--save-every` epochs, and
-whenever training stops, each written to a `.partial` file first and then renamed over
-the old one. A run killed at any moment (kill -9, an out-of-memory kill, a Colab
-session that disconnects) leaves the files of its last save whole; a save that fails
-(a full disk) leaves them as they were. The state is renamed first, and holds the
-vectors too: on resume it is what counts.
-
-A state fits only the run that saved it: `run_fingerprint` records what must not
-change (the training images and prompts, the batch, the precision, the number of
-vectors, the seed, ...).
-"""
-
-TRAINING_STATE_FILE = "training_state.safetensors"
-SAVE_EVERY_STEPS = 10
-
-
-def run_fingerprint(args, sets, precision, placeholder_token, num_vectors):
-    data = hashlib.sha256()
-    for pairs in sets:
-        data.update(str((pairs.images.shape, pairs.token_ids.shape)).encode())
-        data.update(np.ascontiguousarray(pairs.images).tobytes())
-        data.update(np.ascontiguousarray(pairs.token_ids).tobytes())
-    return {
-        "token": placeholder_token,
-        "images and prompts": data.hexdigest()[:16],
-        "--batch-size": args.batch_size,
-        "--precision": precision,
-        "--num-vectors": num_vectors,
-        "--seed": args.seed,
-        "--cache-latents": args.cache_latents,
-        "--base-model": base_model_name(args.base_model),
-        "--random-weights": args.random_weights,
-    }
-
-
-def build_optimizer(trainer):
-    """Keras builds an optimizer's variables at its first step; a state saved or
-    restored before it needs them now."""
-    if not trainer.optimizer.built:
-        with trainer.distribute_strategy.scope():
-            trainer.optimizer.build([trainer.learned_embedding])
-
-
-def training_state(trainer):
-    """The trainer's whole state, as NumPy arrays by name."""
-    build_optimizer(trainer)
-    state = {
-        "learned_embedding": ops.convert_to_numpy(trainer.learned_embedding),
-        "step": ops.convert_to_numpy(trainer.step),
-        "seed_generator_state": ops.convert_to_numpy(trainer.seed_generator.state),
-    }
-    for index, variable in enumerate(trainer.optimizer.variables):
-        state[f"optimizer/{index:03d}/{variable.path}"] = ops.convert_to_numpy(variable)
-    return state
-
-
-def restore_training_state(trainer, state):
-    optimizer_keys = sorted(key for key in state if key.startswith("optimizer/"))
-    build_optimizer(trainer)
-    with trainer.distribute_strategy.scope():
-        variables = trainer.optimizer.variables
-        shapes = [tuple(variable.shape) for variable in variables]
-        if shapes != [tuple(state[key].shape) for key in optimizer_keys]:
-            raise UserError(
-                "The training state does not fit this run's optimizer; resume with the "
-                "settings of the run that saved it."
-            )
-        for variable, key in zip(variables, optimizer_keys):
-            variable.assign(state[key])
-        trainer.learned_embedding.assign(state["learned_embedding"])
-        trainer.write_learned_embedding()
-        trainer.step.assign(state["step"])
-        trainer.seed_generator.state.assign(state["seed_generator_state"])
-
-
-def save_training(output_dir, token, trainer, metadata, fingerprint):
-    """Writes the training state, then the embedding, each all or nothing."""
-    state_path = os.path.join(output_dir, TRAINING_STATE_FILE)
-    embedding_path = os.path.join(output_dir, EMBEDDING_FILE)
-    state = training_state(trainer)
-    try:
-        safetensors.numpy.save_file(
-            state, state_path + ".partial", metadata={"run": json.dumps(fingerprint)}
-        )
-        save_embedding(embedding_path + ".partial", token, state["learned_embedding"], metadata)
-        os.replace(state_path + ".partial", state_path)
-        os.replace(embedding_path + ".partial", embedding_path)
-    finally:
-        for path in (state_path + ".partial", embedding_path + ".partial"):
-            if os.path.exists(path):
-                os.remove(path)
-
-
-def load_training_state(path, fingerprint):
-    """The state saved at `path`, or None if there is none; a state of another run is
-    refused."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with safetensors.safe_open(path, framework="numpy") as f:
-            saved = json.loads((f.metadata() or {})["run"])
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:
-        raise UserError(
-            f"The training state {path} cannot be read ({error}); delete it to resume "
-            "from the embedding alone."
-        ) from None
-    for key, value in fingerprint.items():
-        if saved.get(key) != value:
-            what = (
-                f"other {key}"
-                if key in ("token", "images and prompts")
-                else f"{key} {saved.get(key)}"
-            )
-            raise UserError(
-                f"The training state {path} was saved by a run with {what}, not this "
-                f"one's; resume with that run's settings, or delete {path} to resume "
-                "from the embedding alone."
-            )
-    return state
-
-
-def resume_state(embedding_path, resumed, fingerprint):
-    """The training state saved beside the embedding to resume, if there is one; says
-    which way the run resumes."""
-    state_path = os.path.join(os.path.dirname(embedding_path), TRAINING_STATE_FILE)
-    state = load_training_state(state_path, fingerprint)
-    embedding_step = int(resumed.metadata.get("step", 0))
-    if state and (
-        int(state["step"]) != embedding_step
-        or not np.array_equal(state["learned_embedding"], resumed.vectors)
-    ):
-        print(
-            f"The training state {state_path} is of step {int(state['step'])}, the embedding "
-            f"{embedding_path} of step {embedding_step}: resuming the embedding alone."
-        )
-        state = None
-    if state:
-        print(
-            f"Resuming step {int(state['step'])} with its training state ({state_path}): "
-            "the run goes on as if it had not stopped."
-        )
-    else:
-        print(
-            f"No {TRAINING_STATE_FILE} beside {embedding_path}: resuming its vectors and "
-            f"step ({resumed.metadata.get('step', 0)}); Adam's moments and the random "
-            "state of the noise start afresh."
-        )
-    return state
-
-
-class SaveEmbedding(keras.callbacks.Callback):
-    """Saves the learned embedding and the training state every `every_epochs` epochs,
-    every `every_steps` steps, and when training ends."""
-
-    def __init__(self, output_dir, token, metadata, fingerprint, every_epochs, every_steps):
-        super().__init__()
-        self.output_dir, self.token = output_dir, token
-        self.metadata, self.fingerprint = metadata, fingerprint
-        self.every_epochs, self.every_steps = every_epochs, every_steps
-        self.saved_step = None
-
-    def save(self):
-        step = int(self.model.step.numpy())
-        if step == self.saved_step:
-            return
-        metadata = dict(self.metadata, step=step)
-        try:
-            save_training(self.output_dir, self.token, self.model, metadata, self.fingerprint)
-        except (OSError, safetensors.SafetensorError) as error:
-            kept = f"step {self.saved_step}" if self.saved_step else "the last save"
-            embedding_path = os.path.join(self.output_dir, EMBEDDING_FILE)
-            raise UserError(
-                f"Saving step {step} into {self.output_dir} failed ({error}); the files of "
-                f"{kept} are kept there: make room and continue with --resume "
-                f"{embedding_path}."
-            ) from None
-        self.saved_step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.every_steps and int(self.model.step.numpy()) % self.every_steps == 0:
-            self.save()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
-            self.save()
-
-    def on_train_end(self, logs=None):
-        self.save()
-
-
-"""
-A run never mixes into another: if the output folder already holds one, the script
-refuses to start, unless it is resuming the embedding of that very folder.
-"""
-
-
-def prepare_output_dir(output_dir, resume=None):
-    old_run_files = [
-        name
-        for name in (EMBEDDING_FILE, "loss.csv")
-        if os.path.exists(os.path.join(output_dir, name))
-    ]
-    resuming_here = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(
-        output_dir
-    )
-    if old_run_files and not resuming_here:
-        existing = os.path.join(output_dir, old_run_files[0])
-        raise UserError(
-            f"{output_dir} already holds a run ({existing}); continue it with --resume "
-            f"{os.path.join(output_dir, EMBEDDING_FILE)}, or choose a new --output-dir."
-        )
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(
-            f"Cannot write to the output folder {output_dir} ({error.strerror}); "
-            "choose another --output-dir."
-        ) from None
-
-
-"""
-**How long a run is.** A run has `--epochs` epochs of steps, or `--max-train-steps`
-steps in all if that is fewer; a step is one batch. A resumed run goes on from the step
-its embedding reached, and stops at the same total; the cosine decay runs over
-`--epochs`, so a larger `--epochs` stretches the rest of it.
-"""
-
-
-def planned_steps(steps_per_epoch, epochs, max_train_steps=None, initial_step=0):
-    total_steps = steps_per_epoch * epochs
-    if max_train_steps:
-        total_steps = min(total_steps, max_train_steps)
-    if initial_step >= total_steps:
-        raise UserError(
-            f"The embedding to resume already has {initial_step} steps, the whole "
-            f"run ({total_steps}); raise --epochs or --max-train-steps to go on."
-        )
-    return total_steps
-
-
-def continue_from_step(trainer, step):
-    trainer.step.assign(step)
-    trainer.optimizer.iterations.assign(step)  # the learning rate's place in its schedule
-
-
-class StopAfterSteps(keras.callbacks.Callback):
-    def __init__(self, max_steps):
-        super().__init__()
-        self.max_steps = max_steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.step.numpy()) >= self.max_steps:
-            self.model.stop_training = True
-
-
-"""
-**Interruptions.** Ctrl-C or SIGTERM ends training after the current step, and the
-embedding reached so far is saved as at any end of training; a second Ctrl-C stops at
-once. A loss (or vector) that stops being finite ends training too, and the last good
-state, not the broken one, is put back and saved.
-"""
-
-
-class Interrupted(UserError):
-    exit_code = 130  # the shell's code for a program ended by Ctrl-C
-
-
-@contextlib.contextmanager
-def stop_training_on_signals(trainer):
-    """Within it, SIGINT and SIGTERM stop `trainer` after its current step; yields
-    the list of the signals received."""
-    received = []
-
-    def stop_after_this_step(signal_number, frame):
-        if received:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        received.append(signal.Signals(signal_number).name)
-        print(f"\n{received[0]}: stopping after this step to save the embedding.")
-        trainer.stop_training = True
-
-    previous_handlers = {
-        sig: signal.signal(sig, stop_after_this_step) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield received
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-
-
-class StopAfterSignal(keras.callbacks.Callback):
-    """Keras clears `stop_training` when a `fit` begins: a signal that came just before
-    still stops training, after the next step."""
-
-    def __init__(self, signals_received):
-        super().__init__()
-        self.signals_received = signals_received
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.signals_received:
-            self.model.stop_training = True
-
-
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.failed_step = None
-        self.remember_good_state()
-
-    def remember_good_state(self):
-        self.good_state = training_state(self.model)  # a few small arrays
-        self.good_step = int(self.good_state["step"])
-
-    def on_train_batch_end(self, batch, logs=None):
-        vector = self.model.learned_embedding.numpy()
-        if math.isfinite(float(logs["step_loss"])) and np.isfinite(vector).all():
-            self.remember_good_state()
-            return
-        self.failed_step = int(self.model.step.numpy())
-        restore_training_state(self.model, self.good_state)
-        self.model.stop_training = True
-
-
-"""
-## Extras: watching training
-
-Four views of a run: a progress bar that counts the steps the run will take, the loss
-of every step, a montage of the sample images, and the words nearest to the learned
-vector.
-
-**The progress bar** counts to the steps an epoch will really take, also when
-`--max-train-steps` or a resume ends it early (Keras's own bar would count to the
-epoch's full length).
-"""
-
-
-class StepProgressBar(keras.callbacks.Callback):
-    def __init__(self, steps_per_epoch, total_steps):
-        super().__init__()
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = total_steps
-        self.epochs_to_run = None
-
-    def on_train_begin(self, logs=None):
-        if self.epochs_to_run is None:  # a resumed run may call `fit` twice
-            first_epoch = int(self.model.step.numpy()) // self.steps_per_epoch
-            self.epochs_to_run = math.ceil(self.total_steps / self.steps_per_epoch) - first_epoch
-            self.epochs_begun = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs_begun += 1
-        end_of_epoch = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
-        self.steps_this_epoch = end_of_epoch - int(self.model.step.numpy())
-        print(f"Epoch {epoch + 1} ({self.epochs_begun} of {self.epochs_to_run} in this run)")
-        self.bar = keras.utils.Progbar(self.steps_this_epoch, stateful_metrics=["loss"])
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.bar.update(min(batch + 1, self.steps_this_epoch), [("loss", float(logs["loss"]))])
-
-
-"""
-**The loss** of every step goes to `loss.csv` (step, epoch, loss, seconds) and, at the
-end, to `loss.png`. A resumed run first cuts the log back to the step it resumes from.
-A real run's loss is noisy from step to step, as each step draws a new timestep and
-noise; the plot adds a running mean.
-"""
-
-
-class LossLogger(keras.callbacks.Callback):
-    """Appends (step, epoch, loss, seconds) to a CSV file after every training step,
-    and prints the typical time of a step at the end."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-        self.epoch = 0
-        self.step_seconds = []
-
-    def on_train_begin(self, logs=None):
-        if not os.path.exists(self.path):
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(["step", "epoch", "loss", "seconds"])
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.step_start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        seconds = time.perf_counter() - self.step_start
-        self.step_seconds.append(seconds)
-        step = int(self.model.step.numpy())
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([step, self.epoch, float(logs["step_loss"]), round(seconds, 4)])
-
-    def print_step_time(self):
-        if len(self.step_seconds) > 1:
-            # The first step also traces (and compiles) the train step: leave it out.
-            print(
-                f"Trained {len(self.step_seconds)} steps: "
-                f"{1000 * np.median(self.step_seconds[1:]):.0f} ms/step (median; the "
-                f"first step, which traces the model, took {self.step_seconds[0]:.1f} s)."
-            )
-
-
-def cut_loss_log(path, step):
-    """Keeps the rows of the steps up to `step`, which a resumed run goes on from: a
-    run killed after its last save logged steps that the resumed run takes again."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        header, *rows = list(csv.reader(f)) or [["step", "epoch", "loss", "seconds"]]
-    kept = [row for row in rows if len(row) == len(header) and row[0].isdigit()]
-    kept = [row for row in kept if int(row[0]) <= step]
-    with open(path + ".partial", "w", newline="") as f:
-        csv.writer(f).writerows([header, *kept])
-    os.replace(path + ".partial", path)
-
-
-def plot_loss(csv_path, png_path):
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    steps = np.array([int(row["step"]) for row in rows])
-    losses = np.array([float(row["loss"]) for row in rows])
-    plt.figure(figsize=(8, 4))
-    plt.plot(steps, losses, alpha=0.4, label="loss per step")
-    window = min(50, len(losses) // 3)
-    if window > 1:
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        plt.plot(steps[window - 1 :], smooth, label=f"mean of {window} steps")
-    plt.xlabel("step")
-    plt.ylabel("denoising loss (MSE)")
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(png_path)
-    plt.close()
-
-
-"""
-**A progress montage.** Each sampling epoch rebuilds `samples/progress.png` from the
-sample files: a row per sample prompt, a column per sampling epoch (the first image of
-each batch), so the concept can be seen emerging at a glance.
-"""
-
-MONTAGE_LABEL_HEIGHT = 20  # pixels of label above the columns and above each row
-
-
-def montage_cells(samples_dir, prompts):
-    """{(row, epoch): path} of the sample files of `prompts` found in `samples_dir`."""
-    cells = {}
-    for row, prompt in enumerate(prompts):
-        pattern = re.compile(rf"^epoch-(\d+)_{re.escape(slugify(prompt))}\.png$")
-        for name in os.listdir(samples_dir):
-            match = pattern.match(name)
-            if match:
-                cells[(row, int(match.group(1)))] = os.path.join(samples_dir, name)
-    return cells
-
-
-def build_progress_montage(samples_dir, prompts, path=None):
-    """Draws the montage from the files alone, so a resumed run rebuilds it whole."""
-    path = path or os.path.join(samples_dir, "progress.png")
-    cells = montage_cells(samples_dir, prompts)
-    if not cells:
-        return None
-    epochs = sorted({epoch for _, epoch in cells})
-    tile = plt.imread(next(iter(cells.values()))).shape[0]  # tiles are square
-    label = MONTAGE_LABEL_HEIGHT
-    height = label + len(prompts) * (label + tile)
-    width = len(epochs) * tile
-    canvas = np.ones((height, width, 3), dtype="float32")
-    for (row, epoch), cell_path in cells.items():
-        first_image = plt.imread(cell_path)[:tile, :tile, :3]
-        top = label + row * (label + tile) + label
-        left = epochs.index(epoch) * tile
-        canvas[top : top + tile, left : left + tile] = first_image
-
-    dpi = 100
-    figure = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    axes = figure.add_axes([0, 0, 1, 1])
-    axes.imshow(canvas, interpolation="nearest")
-    axes.set_axis_off()
-    text = dict(fontsize=8, va="center", clip_on=True)
-    for column, epoch in enumerate(epochs):
-        name = "before training" if epoch == 0 else f"epoch {epoch}"
-        axes.text(column * tile + 3, label / 2, name, **text)
-    for row, prompt in enumerate(prompts):
-        axes.text(3, label + row * (label + tile) + label / 2, prompt, **text)
-    figure.savefig(path, dpi=dpi)
-    plt.close(figure)
-    return path
-
-
-class ProgressMontage(keras.callbacks.Callback):
-    """Rebuilds the montage after the sample callbacks of each sampling epoch."""
-
-    def __init__(self, samples_dir, prompts, frequency):
-        super().__init__()
-        self.samples_dir = samples_dir
-        self.prompts = prompts
-        self.frequency = frequency
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch % self.frequency == 0:
-            build_progress_montage(self.samples_dir, self.prompts)
-
-
-"""
-**The nearest words.** For each learned vector: the 5 vocabulary tokens nearest to it by
-cosine similarity, its norm, and the median norm of the vocabulary's rows. Right after
-initialization the nearest word is the initializer itself; a vector far longer than real
-words is a known sign of overtraining (it drowns the rest of the prompt).
-"""
-
-
-def nearest_words(stable_diffusion, token_ids, k=5):
-    tokenizer = stable_diffusion.tokenizer
-    matrix = get_embedding_layer(stable_diffusion.text_encoder).token_embedding.get_weights()[0]
-    vocabulary = np.delete(matrix, token_ids, axis=0)  # the original words only
-    vocabulary_ids = np.delete(np.arange(len(matrix)), token_ids)
-    vocabulary_norms = np.linalg.norm(vocabulary, axis=1)
-    report = []
-    for token_id in token_ids:
-        vector = matrix[token_id]
-        similarity = vocabulary @ vector / (vocabulary_norms * np.linalg.norm(vector) + 1e-12)
-        nearest = np.argsort(-similarity)[:k]
-        report.append(
-            {
-                "token": tokenizer.decoder[int(token_id)],
-                "norm": float(np.linalg.norm(vector)),
-                "vocabulary_median_norm": float(np.median(vocabulary_norms)),
-                "nearest": [
-                    {
-                        "word": tokenizer.decoder[int(vocabulary_ids[i])].replace("</w>", ""),
-                        "cosine": float(similarity[i]),
-                    }
-                    for i in nearest
-                ],
-            }
-        )
-    return report
-
-
-def report_nearest_words(stable_diffusion, token_ids, path=None):
-    report = nearest_words(stable_diffusion, token_ids)
-    for entry in report:
-        words = ", ".join(f"{n['word']} ({n['cosine']:.2f})" for n in entry["nearest"])
-        print(
-            f"{entry['token']}: nearest words {words}; norm {entry['norm']:.3f} "
-            f"(median word {entry['vocabulary_median_norm']:.3f})"
-        )
-    if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
-
-
-"""
-## Extras: speed
-
-`--precision` sets Keras's dtype policy for every model; the learned vector and the
-loss stay in float32 under each. `auto`, the default, picks by what the hardware
-computes fast:
-
-- `mixed_bfloat16` on a GPU of compute capability 8.0 or more (A100, L4, RTX 30xx and
-  later compute bfloat16 as fast as float16, and bfloat16 needs no loss scaling), and
-  on a CPU with bfloat16 arithmetic (`avx512_bf16` or `amx_bf16`);
-- `mixed_float16`, with Keras's loss scaling (which `scaled_loss` in the trainer
-  applies), on older GPUs with float16 tensor cores (compute capability 7.x: V100, and
-  the T4 of Colab's free tier);
-- `float32` elsewhere: on a CPU without bfloat16 arithmetic both mixed policies made a
-  step more than twice as slow in our measurements.
-
-The GPU choices follow TensorFlow's mixed-precision guide; they are unmeasured here.
-`mixed_bfloat16` computes the float32 loss within 1% (tested).
-
-`--xla` compiles the models with XLA. `auto` turns it on with a GPU only: on a CPU it
-made training slower in our measurements, and Keras itself leaves it off under
-`tf.distribute`. `benchmarks/train_step.py` times a step.
-"""
-
-PRECISIONS = ["auto", "float32", "mixed_float16", "mixed_bfloat16"]
-BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags():
-    """The CPU's feature flags, as Linux lists them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def gpu_facts():
-    """(name, compute capability) of the first GPU, or None without one."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return None
-    details = tf.config.experimental.get_device_details(gpus[0])
-    return details.get("device_name", gpus[0].name), details.get("compute_capability")
-
-
-def choose_precision(gpu, cpu_flags):
-    """(policy, reason) for `--precision auto`; `gpu` is `gpu_facts()`."""
-    if gpu:
-        name, capability = gpu
-        if capability and capability >= (8, 0):
-            return (
-                "mixed_bfloat16",
-                f"{name} (compute capability {capability[0]}.{capability[1]}) computes bfloat16 natively",
-            )
-        if capability and capability >= (7, 0):
-            return (
-                "mixed_float16",
-                f"{name} (compute capability {capability[0]}.{capability[1]}) has float16 tensor cores, not bfloat16",
-            )
-        return "float32", f"{name} has no float16 tensor cores"
-    found = [flag for flag in BFLOAT16_CPU_FLAGS if flag in cpu_flags]
-    if found:
-        return "mixed_bfloat16", f"this CPU has bfloat16 arithmetic ({', '.join(found)})"
-    return "float32", "no GPU, and this CPU has no bfloat16 arithmetic (no avx512_bf16 or amx_bf16)"
-
-
-def resolve_precision(precision_flag):
-    """The dtype policy for `--precision`: as given, or chosen for the hardware."""
-    if precision_flag != "auto":
-        return precision_flag
-    precision, reason = choose_precision(gpu_facts(), cpu_flags())
-    print(f"--precision auto: {precision}, as {reason}.")
-    return precision
-
-
-def use_xla(xla_flag, distribute=False):
-    if xla_flag == "auto":
-        return bool(tf.config.list_physical_devices("GPU")) and not distribute
-    return xla_flag == "on"
-
 
 """
 **The UNet's backward.** Textual inversion needs the gradient of the loss with respect
-to the text context only: back through every UNet layer that follows a cross-attention,
-input gradients all the way, and no weight gradients (TensorFlow prunes those). Yet a
-profile of a float32 step at 128 px on a 2-core AVX2 CPU found the UNet's backward
-costing 2.9 forwards, two thirds of it in `Conv2DBackpropInput` and most of the rest in
-the transposed `MatMul`s of the Dense layers' input gradients. TensorFlow's CPU kernels
-for these are 3 to 10 times slower than the forward op when a layer sees few pixels or
-tokens: the UNet's 4x4 and 2x2 levels at 128 px (and its 8x8 level at 512 px). The
-same numbers come from a plain matmul with the kernel on the left and, for a
-convolution, a sum of the kernel taps' shifted slices ("col2im").
+to the text context only, back through the frozen UNet; that backward is most of a
+step. `textual_inversion_extras/unet_backward.py` computes the same gradient more
+cheaply, by swapping the class of KerasCV's layers in place, before the train step is
+traced:
 
-`use_fast_input_gradients` gives the UNet's Conv2D and Dense layers that gradient where
-they see at most `FAST_GRADIENT_ROWS` rows (batch x pixels, or batch x tokens); the
-forward ops are TensorFlow's own. The UNet's backward then cost about one forward (872
-against 2617 ms in the profile's process). It applies on a CPU in float32 without XLA,
-the case we measured; on a GPU cuDNN's kernels stay.
+- attention in query chunks, which never holds a whole attention matrix (always);
+- fast input gradients for the Conv2D and Dense layers that see few pixels, where
+  TensorFlow's CPU kernels are slow (on a CPU, in float32, without XLA);
+- `--gradient-checkpointing`: the UNet's blocks recompute their forward in the
+  backward instead of keeping it, for a lower peak of memory.
 """
-
-FAST_GRADIENT_ROWS = 128
-
-
-def kernel_first_matmul(kernel_2d, upstream_2d):
-    """upstream_2d @ kernel_2d.T, computed as (kernel_2d @ upstream_2d.T).T."""
-    return tf.transpose(tf.matmul(kernel_2d, upstream_2d, transpose_b=True))
-
-
-def dilate(tensor, stride):
-    """Puts stride - 1 zeros after every pixel of [batch, height, width, channels]."""
-    if stride == 1:
-        return tensor
-    _, height, width, channels = tensor.shape
-    spread = tf.pad(
-        tensor[:, :, None, :, None],
-        [[0, 0], [0, 0], [0, stride - 1], [0, 0], [0, stride - 1], [0, 0]],
-    )
-    return tf.reshape(spread, [-1, height * stride, width * stride, channels])
-
-
-def conv_input_gradient(kernel, upstream, input_shape, stride):
-    """The gradient of a "valid" convolution with respect to its input (col2im)."""
-    kernel_height, kernel_width, in_channels, out_channels = kernel.shape
-    _, height, width, _ = input_shape
-    _, out_height, out_width, _ = upstream.shape
-    columns = kernel_first_matmul(
-        ops.reshape(kernel, (-1, out_channels)), ops.reshape(upstream, (-1, out_channels))
-    )
-    columns = ops.reshape(
-        columns, (-1, out_height, out_width, kernel_height * kernel_width, in_channels)
-    )
-    taps = []
-    for i in range(kernel_height):
-        for j in range(kernel_width):
-            tap = dilate(columns[:, :, :, i * kernel_width + j], stride)
-            below, right = height - i - tap.shape[1], width - j - tap.shape[2]
-            tap = tf.pad(tap, [[0, 0], [i, max(below, 0)], [j, max(right, 0)], [0, 0]])
-            taps.append(tap[:, :height, :width])
-    return tf.add_n(taps)
-
-
-def static_rows(shape):
-    return math.prod(shape[:-1]) if None not in shape[:-1] else None
-
-
-def convolution_with_fast_input_gradient(stride):
-    @tf.custom_gradient
-    def convolve(x, kernel, bias):
-        y = tf.nn.bias_add(tf.nn.conv2d(x, kernel, stride, "VALID"), bias)
-
-        def gradient(upstream):
-            strides = [1, stride, stride, 1]
-            rows = static_rows(upstream.shape)
-            if rows is not None and rows <= FAST_GRADIENT_ROWS:
-                x_gradient = conv_input_gradient(kernel, upstream, x.shape, stride)
-            else:
-                x_gradient = tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=tf.shape(x), filter=kernel, out_backprop=upstream,
-                    strides=strides, padding="VALID",
-                )  # fmt: skip
-            kernel_gradient = tf.raw_ops.Conv2DBackpropFilter(
-                input=x, filter_sizes=tf.shape(kernel), out_backprop=upstream,
-                strides=strides, padding="VALID",
-            )  # fmt: skip
-            return x_gradient, kernel_gradient, tf.reduce_sum(upstream, axis=[0, 1, 2])
-
-        return y, gradient
-
-    return convolve
-
-
-CONVOLUTIONS = {stride: convolution_with_fast_input_gradient(stride) for stride in (1, 2)}
-
-
-@tf.custom_gradient
-def dense_with_fast_input_gradient(x, kernel, bias):
-    in_features, out_features = kernel.shape
-    x_2d = tf.reshape(x, (-1, in_features))
-    y_2d = tf.nn.bias_add(tf.matmul(x_2d, kernel), bias)
-    y = tf.reshape(y_2d, tf.concat([tf.shape(x)[:-1], [out_features]], axis=0))
-
-    def gradient(upstream):
-        upstream_2d = tf.reshape(upstream, (-1, out_features))
-        rows = static_rows(x.shape)
-        if rows is not None and rows <= FAST_GRADIENT_ROWS:
-            x_gradient = kernel_first_matmul(kernel, upstream_2d)
-        else:
-            x_gradient = tf.matmul(upstream_2d, kernel, transpose_b=True)
-        kernel_gradient = tf.matmul(x_2d, upstream_2d, transpose_a=True)
-        bias_gradient = tf.reduce_sum(upstream_2d, axis=0)
-        return tf.reshape(x_gradient, tf.shape(x)), kernel_gradient, bias_gradient
-
-    return y, gradient
-
-
-class FastGradientConv2D(keras.layers.Conv2D):
-    def call(self, inputs):
-        bias = self.bias if self.use_bias else ops.zeros((self.filters,), inputs.dtype)
-        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(bias)
-        y = CONVOLUTIONS[self.strides[0]](inputs, kernel, bias)
-        return self.activation(y)
-
-
-class FastGradientDense(keras.layers.Dense):
-    def call(self, inputs, training=None):
-        bias = self.bias if self.use_bias else ops.zeros((self.units,), inputs.dtype)
-        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(bias)
-        y = dense_with_fast_input_gradient(inputs, kernel, bias)
-        return self.activation(y)
-
-
-def use_fast_input_gradients(diffusion_model):
-    """Gives the UNet's plain Conv2D and Dense layers the fast input gradient, in place
-    (the same weights); before the train step is traced. Returns how many."""
-    swapped = 0
-    for layer in diffusion_model._flatten_layers(include_self=False):
-        if getattr(layer, "quantization_mode", None) is not None:
-            continue
-        if type(layer) is keras.layers.Conv2D and layer.padding == "valid":
-            plain = layer.groups == 1 and tuple(layer.dilation_rate) == (1, 1)
-            plain = plain and layer.data_format == "channels_last"
-            if plain and layer.strides[0] == layer.strides[1] and layer.strides[0] in CONVOLUTIONS:
-                layer.__class__ = FastGradientConv2D
-                swapped += 1
-        elif type(layer) is keras.layers.Dense:
-            layer.__class__ = FastGradientDense
-            swapped += 1
-    return swapped
-
-
-def fast_gradients_apply(precision, jit_compile):
-    return precision == "float32" and not jit_compile and not tf.config.list_physical_devices("GPU")
 
 
 """
@@ -1959,7 +1137,7 @@ class AccumulatingFineTuner(StableDiffusionFineTuner):
 
 """
 **Cached latents.** The frozen VAE encoder turns the same few photos into latents at
-every step: 569 of a 4532 ms CPU step at 128 px in our measurements. `--cache-latents` encodes
+every step (`benchmarks/train_step.py` shows its share of a step). `--cache-latents` encodes
 `CACHED_VIEWS` augmented views (random crops and flips) of each image once, before
 training, and keeps the encoder's outputs, the mean and log-variance of each view's
 latent distribution. Each step then picks a cached view at random and samples from
@@ -2073,565 +1251,53 @@ class DistributedFineTuner(StableDiffusionFineTuner):
             tf.distribute.get_replica_context().merge_call(write_on_every_device, args=(vectors,))
 
 
-def distribution_strategy(distribute, batch_size):
-    """MirroredStrategy over the GPUs (or logical CPUs) with --distribute, else
-    TensorFlow's default strategy, whose `scope()` changes nothing."""
-    if not distribute:
-        return tf.distribute.get_strategy()
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    if batch_size % len(devices):
-        raise UserError(
-            f"--batch-size {batch_size} does not split evenly over the "
-            f"{len(devices)} devices of --distribute; use a multiple of {len(devices)}."
-        )
-    strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
-    print(
-        f"Training on {strategy.num_replicas_in_sync} replicas "
-        f"({', '.join(device.name for device in devices)}), "
-        f"each with {batch_size // strategy.num_replicas_in_sync} of the {batch_size} "
-        "images of a step."
+"""
+**Building the models for the flags.** `build_models` is the story's
+`build_stable_diffusion` with the flags' choices: `--random-weights` builds the same
+KerasCV classes with `download_weights=False`; `--xla` sets `jit_compile`; under a
+mixed `--precision` the frozen VAE and UNet hold their weights in the compute dtype
+(bfloat16 or float16), as diffusers does, since they are never updated, while the text
+encoder, whose token matrix holds the learned vector, keeps float32 weights. The global
+dtype policy is as it was afterwards (`global_dtype_policy`).
+"""
+
+
+def build_models(
+    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32"
+):
+    stable_diffusion = keras_cv.models.StableDiffusion(
+        img_height=resolution, img_width=resolution, jit_compile=jit_compile
     )
-    return strategy
-
-
-def sample_on_one_device(stable_diffusion):
-    """KerasCV draws images with `predict_on_batch`, which under a MirroredStrategy
-    would hand every replica the whole batch and return all their answers, one batch
-    per replica. Drawing is not what we spread over devices: with this, the models
-    predict as plain models do, with the first device's copy of the weights."""
-    for model in sd_parts(stable_diffusion):
-        # Keras's record of the strategy the model was built in (checked on Keras 3.15).
-        model._distribute_strategy = None
+    stable_diffusion._tokenizer = tokenizer
+    sd_models = keras_cv.models.stable_diffusion
+    with global_dtype_policy(keras.mixed_precision.Policy(precision).compute_dtype):
+        if random_weights:
+            stable_diffusion._image_encoder = sd_models.ImageEncoder(download_weights=False)
+            stable_diffusion._diffusion_model = sd_models.DiffusionModel(
+                resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
+            )
+            stable_diffusion._decoder = sd_models.Decoder(
+                resolution, resolution, download_weights=False
+            )
+        frozen_models = sd_parts(stable_diffusion, SD_PARTS[1:])
+    with global_dtype_policy(precision):
+        if random_weights:
+            stable_diffusion._text_encoder = sd_models.TextEncoder(
+                MAX_PROMPT_LENGTH, download_weights=False
+            )
+            for model in [stable_diffusion.text_encoder, *frozen_models]:
+                model.compile(jit_compile=jit_compile)  # as keras-cv does
+        sd_parts(stable_diffusion, SD_PARTS[:1])
+    return stable_diffusion
 
 
 """
 ## Extras: other Stable Diffusion 1.x checkpoints
 
-An embedding works best on the model it was trained on, and most people draw with
-SD 1.5 or one of its fine-tunes, not KerasCV's v1.4. `--base-model PATH` trains (and
-`tools/`) on any SD 1.x checkpoint: a single `.safetensors` file in the original
-CompVis layout (`model.diffusion_model.*`, `first_stage_model.*`,
-`cond_stage_model.transformer.text_model.*`; float16, bfloat16 or float32, with or
-without EMA weights, such as `v1-5-pruned-emaonly.safetensors`), or a diffusers folder
-(`unet/`, `vae/` and `text_encoder/` holding `*.safetensors`), whose keys are first
-renamed to the CompVis ones. Nothing is downloaded. `.ckpt` pickles are refused: loading
-one runs code from the file.
-
-`load_base_model(path, stable_diffusion)` pairs every variable of the four KerasCV
-models with a CompVis key by walking the KerasCV layers in the order the CompVis module
-tree builds them, never by Keras's variable names, which come from global counters;
-every variable must be paired exactly once. The whole file is checked from its
-safetensors header (every key, shape and dtype) before any weight is written, so a
-wrong file ends in one sentence and leaves the models as they were. Convolution
-kernels go from OIHW to HWIO, dense kernels are transposed, and the VAE attention's
-1x1 convolutions may be stored as linear layers (diffusers). `position_ids`,
-`model_ema.*`, `first_stage_model.loss.*` and the noise-schedule buffers are not
-weights of these models.
-
-Checked against diffusers and transformers on the same random SD 1.x checkpoint
-(`tests/test_diffusers_oracle.py`), relative to the largest reference value: text
-encoder 1.0e-6, VAE posterior mean 1.9e-5, UNet noise prediction 1.7e-4, decoder
-8.2e-6, and the textual-inversion step's loss 9.0e-6 and placeholder gradient 1.3e-4.
-What remains is KerasCV's own arithmetic: its GEGLU uses the tanh approximation of
-GELU (98% of the UNet's, the loss's and the gradient's difference), and its GroupNorm
-epsilon is 1e-5 where the original VAE uses 1e-6 (two thirds of the VAE encoder's).
-With both patched, every output agrees to float32 rounding (6.4e-6 at most).
+`--base-model PATH` trains (and `tools/` draw) on any SD 1.x checkpoint, an SD 1.5
+`.safetensors` file or a diffusers folder, read by `textual_inversion_extras/checkpoints.py`
+into KerasCV's four models; nothing is downloaded.
 """
-
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-CLIP = "cond_stage_model.transformer.text_model."
-
-
-def short_hash(path, chunk=1 << 20):
-    """First 10 hex of sha256(size, first MB, last MB): fast even on 4 GB."""
-    if os.path.isdir(path):  # a diffusers folder: the files load_base_model reads
-        paths = [
-            f
-            for sub in ("unet", "vae", "text_encoder")
-            for f in _pick_files(os.path.join(path, sub))
-        ]
-    else:
-        paths = [path]
-    h = hashlib.sha256()
-    for p in paths:
-        size = os.path.getsize(p)
-        h.update(str(size).encode())
-        with open(p, "rb") as f:
-            h.update(f.read(chunk))
-            f.seek(max(0, size - chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()[:10]
-
-
-def _header(path):
-    """{key: (dtype, shape, (begin, end))} from a safetensors header; checks the file is complete."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n <= 0 or n > min(size - 8, 100 << 20):
-            raise UserError(
-                f"{path} is not a valid .safetensors file (damaged or not safetensors); re-download or re-convert it."
-            )
-        try:
-            meta = json.loads(f.read(n))
-        except ValueError:
-            raise UserError(
-                f"{path} has a damaged safetensors header; re-download or re-convert it."
-            ) from None
-    meta.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in meta.values()), default=0)
-    if size != 8 + n + end:
-        raise UserError(
-            f"{path} is truncated or damaged ({size} bytes instead of {8 + n + end}); re-download it."
-        )
-    return {
-        k: (
-            v["dtype"],
-            tuple(v["shape"]),
-            (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]),
-        )
-        for k, v in meta.items()
-    }
-
-
-def _read(path, key, dtype, shape, span):
-    """One tensor as float32 numpy, read with safetensors; BF16 (numpy lacks it) is widened by hand.
-    The file is opened per tensor so its memory map (page cache in RSS) never grows to the whole file.
-    """
-    if dtype == "BF16":
-        raw = np.fromfile(path, np.uint16, (span[1] - span[0]) // 2, offset=span[0])
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    with safetensors.safe_open(path, framework="np") as f:
-        return f.get_tensor(key).astype(np.float32)
-
-
-def _pick_files(folder):
-    """The *.safetensors of one diffusers component; prefer the plain variant over .fp16 etc."""
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    plain = [f for f in files if re.fullmatch(r"[\w-]+\.safetensors", os.path.basename(f))]
-    return plain or files
-
-
-def _unet_key(k, up_has_attn):
-    # fmt: off
-    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    # fmt: on
-    for a, b in fixed.items():
-        if k.startswith(a + "."):
-            return b + k[len(a) :]
-    m = re.fullmatch(
-        r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", k
-    )
-    if m:
-        side, b, kind, r, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-        if kind == "resnets":
-            name, rest = rest.split(".", 1)
-            rest = resnet.get(name, name) + "." + rest
-        if side == "down":  # input_blocks.0 is conv_in; each level has 2 blocks + a downsampler
-            if kind == "downsamplers":  # downsamplers.0.conv.* -> input_blocks.N.0.op.*
-                return f"input_blocks.{3 * b + 3}.0.op." + rest.split(".", 1)[1]
-            return f"input_blocks.{3 * b + r + 1}.{0 if kind == 'resnets' else 1}.{rest}"
-        i = 3 * b + (2 if kind == "upsamplers" else r)
-        sub = {"resnets": "0", "attentions": "1", "upsamplers": "2" if up_has_attn[b] else "1"}[
-            kind
-        ]
-        return f"output_blocks.{i}.{sub}.{rest}"
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", k)
-    if m:
-        rest = m[3]
-        if m[1] == "resnets":
-            name, rest = rest.split(".", 1)
-            rest = resnet.get(name, name) + "." + rest
-        return f"middle_block.{2 * int(m[2]) if m[1] == 'resnets' else 1}.{rest}"
-    return "unmapped." + k
-
-
-def _vae_key(k, n_up):
-    # fmt: off
-    attn = {"group_norm": "norm", "to_q": "q", "query": "q", "to_k": "k", "key": "k",
-            "to_v": "v", "value": "v", "to_out.0": "proj_out", "proj_attn": "proj_out"}
-    # fmt: on
-    k = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", k)
-    k = k.replace(".conv_shortcut.", ".nin_shortcut.")
-    k = re.sub(r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", k)
-    m = re.fullmatch(r"(.*)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)", k)
-    if m:
-        return f"{m[1]}.mid.attn_1.{attn.get(m[2], m[2])}.{m[3]}"
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-    k = re.sub(
-        r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k
-    )
-    # diffusers counts decoder up blocks from the bottom, CompVis from the top
-    k = re.sub(
-        r"^decoder\.up_blocks\.(\d+)\.resnets\.",
-        lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.",
-        k,
-    )
-    k = re.sub(
-        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-        lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.",
-        k,
-    )
-    return k
-
-
-def read_diffusers_folder(folder):
-    """{ldm_key: (file, file_key, dtype, shape, span)} for a diffusers folder (header only, no data read)."""
-    parts = {}
-    for sub in ("unet", "vae", "text_encoder"):
-        files = _pick_files(os.path.join(folder, sub))
-        if not files:
-            raise UserError(
-                f"{folder} has no {sub}/*.safetensors; give a diffusers SD 1.x folder or a single .safetensors checkpoint."
-            )
-        parts[sub] = {k: (f, k) + v for f in files for k, v in _header(f).items()}
-    if os.path.isdir(os.path.join(folder, "text_encoder_2")) or any(
-        k.startswith("add_embedding.") for k in parts["unet"]
-    ):
-        raise UserError(
-            f"{folder} is an SDXL model, but only SD 1.x checkpoints (e.g. stable-diffusion-v1-5) are supported."
-        )
-    up_has_attn = {
-        int(m[1]): True
-        for k in parts["unet"]
-        if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))
-    }
-    up_has_attn = {b: up_has_attn.get(b, False) for b in range(16)}
-    n_up = len({k.split(".")[2] for k in parts["vae"] if k.startswith("decoder.up_blocks.")})
-    out = {}
-    for k, v in parts["unet"].items():
-        out[UNET + _unet_key(k, up_has_attn)] = v
-    for k, v in parts["vae"].items():
-        out[VAE + _vae_key(k, n_up)] = v
-    for k, v in parts["text_encoder"].items():
-        out[
-            "cond_stage_model.transformer."
-            + (k if k.startswith("text_model.") else "text_model." + k)
-        ] = v
-    return out
-
-
-def read_source(path):
-    """{ldm_key: (file, file_key, dtype, shape, span)} for a single file or a diffusers folder."""
-    if not os.path.exists(path):
-        raise UserError(
-            f"{path} does not exist; give an SD 1.x .safetensors file or a diffusers folder."
-        )
-    if os.path.isdir(path):
-        return read_diffusers_folder(path)
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if path.lower().endswith((".ckpt", ".pt", ".pth", ".bin", ".pkl")) or magic in (
-        b"PK",
-        b"\x80\x02",
-        b"\x80\x04",
-    ):
-        raise UserError(
-            f"{path} is a PyTorch pickle, which can run code when loaded, so use the model's .safetensors "
-            'release or, only if you trust its source, convert it once with python -c "import torch, '
-            "safetensors.torch as s; d=torch.load('in.ckpt', map_location='cpu', weights_only=False); "
-            "d=d.get('state_dict', d); s.save_file({k: v.clone().contiguous() for k, v in d.items() "
-            "if torch.is_tensor(v)}, 'out.safetensors')\" and pass out.safetensors."
-        )
-    src = {k: (path, k) + v for k, v in _header(path).items()}
-    old = "cond_stage_model.transformer.embeddings."  # pre-4.x transformers layout lacks "text_model."
-    if old + "token_embedding.weight" in src:
-        src = {
-            (
-                CLIP + k[len("cond_stage_model.transformer.") :]
-                if k.startswith("cond_stage_model.transformer.")
-                else k
-            ): v
-            for k, v in src.items()
-        }
-    return src
-
-
-def _chain(model):
-    """Layers on the main path of a functional model, input to output, following each
-    layer's FIRST input backwards (x in ResBlock([x, t_emb]), Concatenate([x, skip]))."""
-    out, op = [], model.outputs[0]._keras_history.operation
-    while type(op).__name__ != "InputLayer":
-        out.append(op)
-        op = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
-    return out[::-1]
-
-
-def _unet_plan():
-    """(LDM prefix, KerasCV class) along the UNet main path, in CompVis order; None = no weights."""
-    plan, i = [("input_blocks.0.0", "PaddedConv2D")], 1
-    for level in range(4):
-        for _ in range(2):
-            plan.append((f"input_blocks.{i}.0", "ResBlock"))
-            if level < 3:
-                plan.append((f"input_blocks.{i}.1", "SpatialTransformer"))
-            i += 1
-        if level < 3:
-            plan.append((f"input_blocks.{i}.0.op", "PaddedConv2D"))
-            i += 1
-    plan += [
-        ("middle_block.0", "ResBlock"),
-        ("middle_block.1", "SpatialTransformer"),
-        ("middle_block.2", "ResBlock"),
-    ]
-    for j in range(12):
-        plan += [(None, "Concatenate"), (f"output_blocks.{j}.0", "ResBlock")]
-        if j >= 3:
-            plan.append((f"output_blocks.{j}.1", "SpatialTransformer"))
-        if j % 3 == 2 and j < 11:  # upsampler is sub-module 1 after a plain ResBlock, else 2
-            plan.append((f"output_blocks.{j}.{1 if j < 3 else 2}", "Upsample"))
-    return plan + [("out.0", "GroupNormalization"), (None, "Activation"), ("out.2", "PaddedConv2D")]
-
-
-def _vae_plans():
-    enc, dec = [("encoder.conv_in", "PaddedConv2D")], []
-    for i in range(4):
-        enc += [(f"encoder.down.{i}.block.{j}", "ResnetBlock") for j in range(2)]
-        if i < 3:
-            enc.append((f"encoder.down.{i}.downsample.conv", "PaddedConv2D"))
-    mid = [
-        ("mid.block_1", "ResnetBlock"),
-        ("mid.attn_1", "AttentionBlock"),
-        ("mid.block_2", "ResnetBlock"),
-    ]
-    enc += [("encoder." + p, c) for p, c in mid]
-    enc += [
-        ("encoder.norm_out", "GroupNormalization"),
-        (None, "Activation"),
-        ("encoder.conv_out", "PaddedConv2D"),
-        ("quant_conv", "PaddedConv2D"),
-        (None, "Lambda"),
-    ]  # Lambda: mean * 0.18215
-    dec = [
-        (None, "Rescaling"),
-        ("post_quant_conv", "PaddedConv2D"),
-        ("decoder.conv_in", "PaddedConv2D"),
-    ]
-    dec += [("decoder." + p, c) for p, c in mid]
-    for i in (3, 2, 1, 0):
-        dec += [(f"decoder.up.{i}.block.{j}", "ResnetBlock") for j in range(3)]
-        if i > 0:
-            dec += [(None, "UpSampling2D"), (f"decoder.up.{i}.upsample.conv", "PaddedConv2D")]
-    dec += [
-        ("decoder.norm_out", "GroupNormalization"),
-        (None, "Activation"),
-        ("decoder.conv_out", "PaddedConv2D"),
-    ]
-    return enc, dec
-
-
-def _pairs(layer, p):
-    """(variable, LDM key, kind) for one KerasCV layer under LDM prefix p.
-    kind: 'conv' OIHW->HWIO, 'dense' (out,in)->(in,out), 'same' (bias, norm gamma/beta, embeddings).
-    """
-    name = type(layer).__name__
-    if name == "PaddedConv2D":
-        return [
-            (layer.conv2d.kernel, p + ".weight", "conv"),
-            (layer.conv2d.bias, p + ".bias", "same"),
-        ]
-    if name == "Dense":
-        return [(layer.kernel, p + ".weight", "dense")] + (
-            [(layer.bias, p + ".bias", "same")] if layer.use_bias else []
-        )
-    if name in ("GroupNormalization", "LayerNormalization"):
-        return [(layer.gamma, p + ".weight", "same"), (layer.beta, p + ".bias", "same")]
-    if name == "Embedding":
-        return [(layer.embeddings, p + ".weight", "same")]
-    subs = {  # attribute -> LDM sub-module, per KerasCV block class
-        "ResBlock": [
-            ("entry_flow.0", "in_layers.0"),
-            ("entry_flow.2", "in_layers.2"),
-            ("embedding_flow.1", "emb_layers.1"),
-            ("exit_flow.0", "out_layers.0"),
-            ("exit_flow.2", "out_layers.3"),
-            ("residual_projection", "skip_connection"),
-        ],
-        "ResnetBlock": [
-            ("norm1", "norm1"),
-            ("conv1", "conv1"),
-            ("norm2", "norm2"),
-            ("conv2", "conv2"),
-            ("residual_projection", "nin_shortcut"),
-        ],
-        "AttentionBlock": [
-            ("norm", "norm"),
-            ("q", "q"),
-            ("k", "k"),
-            ("v", "v"),
-            ("proj_out", "proj_out"),
-        ],
-        "SpatialTransformer": [
-            ("norm", "norm"),
-            ("proj1", "proj_in"),
-            ("proj2", "proj_out"),
-            ("transformer_block", "transformer_blocks.0"),
-        ],
-        "BasicTransformerBlock": [
-            ("norm1", "norm1"),
-            ("attn1", "attn1"),
-            ("norm2", "norm2"),
-            ("attn2", "attn2"),
-            ("norm3", "norm3"),
-            ("geglu.dense", "ff.net.0.proj"),
-            ("dense", "ff.net.2"),
-        ],
-        # to_q/k/v have no bias; out_proj is the original to_out.0 (Linear, then Dropout)
-        "CrossAttention": [
-            ("to_q", "to_q"),
-            ("to_k", "to_k"),
-            ("to_v", "to_v"),
-            ("out_proj", "to_out.0"),
-        ],
-        "Upsample": [("conv", "conv")],
-        "CLIPEmbedding": [
-            ("token_embedding", "token_embedding"),
-            ("position_embedding", "position_embedding"),
-        ],
-        "CLIPEncoderLayer": [
-            ("layer_norm1", "layer_norm1"),
-            ("clip_attn", "self_attn"),
-            ("layer_norm2", "layer_norm2"),
-            ("fc1", "mlp.fc1"),
-            ("fc2", "mlp.fc2"),
-        ],
-        "CLIPAttention": [(a, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")],
-    }[name]
-    out = []
-    for attr, sub in subs:
-        obj = layer
-        for a in attr.split("."):
-            obj = obj[int(a)] if a.isdigit() else getattr(obj, a)
-        if hasattr(obj, "weights"):  # residual_projection is a lambda when shapes already match
-            out += _pairs(obj, f"{p}.{sub}")
-    return out
-
-
-def _walk(layers, plan, prefix, what):
-    names = [type(l).__name__ for l in layers]
-    if names != [c for _, c in plan]:
-        raise RuntimeError(f"KerasCV {what} does not have the expected SD 1.x structure: {names}")
-    return [t for l, (p, _) in zip(layers, plan) if p for t in _pairs(l, prefix + p)]
-
-
-def build_plan(sd):
-    """[(variable, LDM key, kind)] covering every variable of the four models exactly once."""
-    te, ie, dm, de = sd.text_encoder, sd.image_encoder, sd.diffusion_model, sd.decoder
-    te_plan = [("embeddings", "CLIPEmbedding")] + [
-        (f"encoder.layers.{i}", "CLIPEncoderLayer") for i in range(12)
-    ]
-    plan = _walk(
-        _chain(te), te_plan + [("final_layer_norm", "LayerNormalization")], CLIP, "TextEncoder"
-    )
-    enc, dec = _vae_plans()
-    plan += _walk(ie.layers, enc, VAE, "ImageEncoder") + _walk(de.layers, dec, VAE, "Decoder")
-    chain = _chain(dm)
-    plan += _walk(chain, _unet_plan(), UNET, "DiffusionModel")
-    # time embedding MLP: walk back from the first ResBlock's second input (t_emb)
-    op = chain[1]._inbound_nodes[0].input_tensors[1]._keras_history.operation
-    t = []
-    while type(op).__name__ != "InputLayer":
-        t.append(op)
-        op = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
-    plan += _walk(
-        t[::-1],
-        [("time_embed.0", "Dense"), (None, "Activation"), ("time_embed.2", "Dense")],
-        UNET,
-        "time MLP",
-    )
-    ids = [id(v) for v, _, _ in plan]
-    every = [v for m in (te, ie, dm, de) for v in m.weights]
-    if len(set(ids)) != len(ids) or set(ids) != {id(v) for v in every}:
-        raise RuntimeError(f"mapping covers {len(set(ids))} of {len(every)} KerasCV variables")
-    return plan
-
-
-def _expected(var, kind):
-    s = tuple(var.shape)
-    if kind == "conv":  # Keras HWIO <- torch OIHW
-        return (s[3], s[2], s[0], s[1])
-    return (s[1], s[0]) if kind == "dense" else s
-
-
-def check_model_family(src, path):
-    """Refuses SDXL, SD 2.x and inpainting files from their header alone."""
-    keys = set(src)
-    shape = lambda k: src[k][3] if k in src else None
-    if any(k.startswith(("conditioner.", UNET + "label_emb.")) for k in keys):
-        raise UserError(
-            f"{path} is an SDXL checkpoint, but only SD 1.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors) are supported."
-        )
-    k_shape = shape(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    tok = shape(CLIP + "embeddings.token_embedding.weight")
-    if (
-        any(k.startswith("cond_stage_model.model.") for k in keys)
-        or (k_shape and k_shape[1] == 1024)
-        or (tok and tok[1] == 1024)
-    ):
-        raise UserError(
-            f"{path} is an SD 2.x checkpoint (1024-wide text encoder), but only SD 1.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors) are supported."
-        )
-    conv_in = shape(UNET + "input_blocks.0.0.weight")
-    if conv_in and len(conv_in) == 4 and conv_in[1] != 4:
-        raise UserError(
-            f"{path} has a {conv_in[1]}-channel UNet input (an inpainting or other special model); use a plain SD 1.x text-to-image checkpoint."
-        )
-
-
-def validate(src, plan, path):
-    """Raises UserError unless `src` holds every SD 1.x weight with the right shape."""
-    check_model_family(src, path)
-    missing = [k for _, k, _ in plan if k not in src]
-    if len(missing) == len(plan):
-        raise UserError(
-            f"{path} holds no SD 1.x model weights (is it a LoRA, an embedding or a VAE alone?); give a full SD 1.x checkpoint."
-        )
-    if missing:
-        raise UserError(
-            f"{path} is not a complete SD 1.x checkpoint: {len(missing)} of {len(plan)} weights are missing (e.g. {missing[0]})."
-        )
-    for var, k, kind in plan:
-        want, got = _expected(var, kind), src[k][3]
-        ok = got == want or (
-            kind == "conv" and want[2:] == (1, 1) and got == want[:2]
-        )  # 1x1 conv stored as Linear
-        if src[k][2] not in ("F16", "F32", "F64", "BF16"):
-            raise UserError(
-                f"{path} is not an SD 1.x checkpoint: {k} is stored as {src[k][2]} where a float type is needed."
-            )
-        if not ok:
-            raise UserError(
-                f"{path} is not an SD 1.x checkpoint: {k} has shape {list(got)} where {list(want)} is needed."
-            )
-
-
-def load_base_model(path, stable_diffusion):
-    """Sets every weight of the four KerasCV SD 1.x models from path; returns {'hash', 'format'}.
-
-    stable_diffusion: object with .text_encoder, .image_encoder, .diffusion_model, .decoder
-    (built at any resolution; text encoder with the plain 49408-token vocabulary).
-    Not loaded: position_ids, model_ema.*, first_stage_model.loss.*, noise-schedule buffers.
-    """
-    path = os.fspath(path)
-    src = read_source(path)
-    plan = build_plan(stable_diffusion)
-    validate(src, plan, path)  # nothing is assigned before this passes
-    for var, k, kind in plan:
-        w = _read(*src[k])
-        if kind == "conv":
-            w = np.transpose(w.reshape(w.shape + (1, 1)) if w.ndim == 2 else w, (2, 3, 1, 0))
-        elif kind == "dense":
-            w = w.T
-        var.assign(np.ascontiguousarray(w, dtype=var.dtype))
-    return {
-        "hash": short_hash(path),
-        "format": "diffusers" if os.path.isdir(path) else "safetensors",
-    }
 
 
 def build_base_model(
@@ -2642,84 +1308,14 @@ def build_base_model(
     jit_compile=True,
     precision="float32",
 ):
-    """`build_stable_diffusion`, with the weights of the `base_model` file or folder
+    """`build_models`, with the weights of the `base_model` file or folder
     when one is given (the models are then built without downloading any)."""
-    stable_diffusion = build_stable_diffusion(
+    stable_diffusion = build_models(
         resolution, tokenizer, random_weights or bool(base_model), jit_compile, precision
     )
     if base_model:
         print(f"Loading the base model {base_model}.")
-        load_base_model(base_model, stable_diffusion)
-    return stable_diffusion
-
-
-def base_model_name(base_model):
-    """How the embedding's metadata names the model it was trained on."""
-    if not base_model:
-        return BASE_MODEL
-    name = os.path.basename(os.path.normpath(base_model))
-    return f"{name} (short sha256 {short_hash(base_model)})"
-
-
-"""
-## Extras: drawing with saved embeddings
-
-`tools/generate.py` and `tools/evaluate.py` load embeddings into a fresh
-StableDiffusion: each token is added to the tokenizer and its vectors to the text
-encoder, as for training. `{}` in a prompt stands for the first embedding's token.
-"""
-
-
-def add_embeddings(tokenizer, embeddings, paths):
-    """Adds each embedding's tokens to the tokenizer; returns the rows to append to
-    the text encoder, in token id order."""
-    vectors, token_ids = [], []
-    for embedding, path in zip(embeddings, paths):
-        if embedding.token in tokenizer.encoder:
-            raise UserError(
-                f"The token {embedding.token} of {path} is already in the vocabulary "
-                "(it is a word, or another --embedding has it); load one file per token."
-            )
-        token_ids += add_new_tokens(tokenizer, embedding.token, len(embedding.vectors))
-        vectors.append(embedding.vectors)
-    return rows_in_id_order(np.concatenate(vectors), token_ids)
-
-
-def prompts_with_tokens(prompt_templates, tokenizer, embeddings):
-    """The prompts, `{}` standing for the first embedding's token, each token written
-    out as all its vectors' names; each prompt must use a loaded token."""
-    tokens = [embedding.token for embedding in embeddings]
-    prompts = []
-    for prompt in prompt_templates:
-        prompt = prompt.replace("{}", tokens[0])
-        if not any(token in prompt for token in tokens):
-            raise UserError(
-                f'The prompt "{prompt}" uses none of the loaded tokens '
-                f"({', '.join(tokens)}); write one into it, or put {{}} where it goes."
-            )
-        for embedding in embeddings:
-            text = placeholder_text(embedding.token, len(embedding.vectors))
-            prompt = prompt.replace(embedding.token, text)
-        encode_prompt(tokenizer, prompt)  # checks its length
-        prompts.append(prompt)
-    return prompts
-
-
-def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
-    """A fresh StableDiffusion whose text encoder has `new_rows` for the tokens that
-    `add_embeddings` added to `tokenizer`."""
-    jit_compile = use_xla(args.xla)
-    stable_diffusion = build_base_model(
-        args.resolution,
-        tokenizer,
-        args.base_model,
-        args.random_weights,
-        jit_compile,
-        resolve_precision(args.precision),
-    )
-    stable_diffusion._text_encoder = extend_text_encoder(
-        stable_diffusion.text_encoder, new_rows, jit_compile
-    )
+        checkpoints.load_base_model(base_model, stable_diffusion)
     return stable_diffusion
 
 
@@ -2840,6 +1436,12 @@ def build_parser():
         "instead of a new crop at every step: faster, less varied (default: off).",
     )
     training.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Recompute each UNet block's forward in the backward instead of keeping "
+        "it: less memory, a slower step (default: off).",
+    )
+    training.add_argument(
         "--resolution",
         type=int,
         default=RESOLUTION,
@@ -2875,14 +1477,14 @@ def build_parser():
         "--save-every",
         type=int,
         default=1,
-        help=f"Save the learned embedding ({EMBEDDING_FILE}) and the training state "
-        f"({TRAINING_STATE_FILE}) every this many epochs, and always at the end; 0: "
+        help=f"Save the learned embedding ({saving.EMBEDDING_FILE}) and the training state "
+        f"({saving.TRAINING_STATE_FILE}) every this many epochs, and always at the end; 0: "
         "only at the end (default: %(default)s).",
     )
     output.add_argument(
         "--save-every-steps",
         type=int,
-        default=SAVE_EVERY_STEPS,
+        default=saving.SAVE_EVERY_STEPS,
         help="Also save them every this many steps, so that a run killed without "
         "warning (kill -9, out of memory, a Colab disconnect) loses at most as many "
         "steps; a save writes a few kilobytes. 0: only every --save-every epochs "
@@ -2890,9 +1492,9 @@ def build_parser():
     )
     output.add_argument(
         "--resume",
-        metavar="EMBEDDING_FILE",
+        metavar="saving.EMBEDDING_FILE",
         help="Go on from a saved embedding and the step it reached, instead of starting "
-        f"from the initializer word. With the {TRAINING_STATE_FILE} saved beside it, the "
+        f"from the initializer word. With the {saving.TRAINING_STATE_FILE} saved beside it, the "
         "run goes on exactly as if it had not stopped (default: start afresh).",
     )
     machine = parser.add_argument_group("machine")
@@ -2907,13 +1509,6 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] in (["generate"], ["evaluate"]):
-        raise UserError(
-            f"{argv[0]} is a script of its own now; run python tools/{argv[0]}.py "
-            f"{' '.join(argv[1:])}"
-        )
     args = build_parser().parse_args(argv)
     check_args(args)
     return args
@@ -2923,7 +1518,7 @@ def add_machine_flags(parser):
     """Flags that say how to run the models, shared with the tools."""
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=hardware.PRECISIONS,
         default="auto",
         help="Keras dtype policy of the models; auto: mixed_bfloat16 on GPUs of compute "
         "capability 8.0+ and CPUs with bfloat16 arithmetic, mixed_float16 (with loss "
@@ -2991,7 +1586,7 @@ def check_machine_args(args):
     if args.base_model and args.random_weights:
         raise UserError("--base-model and --random-weights exclude each other; pass one.")
     if args.base_model:
-        check_model_family(read_source(args.base_model), args.base_model)
+        checkpoints.check_model_family(checkpoints.read_source(args.base_model), args.base_model)
 
 
 def check_drawing_args(args):
@@ -3085,12 +1680,12 @@ def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts
             for prompt in sample_prompts
         ]
         samples_dir = os.path.join(args.output_dir, "samples")
-        callbacks.append(ProgressMontage(samples_dir, sample_prompts, args.sample_every))
+        callbacks.append(watching.ProgressMontage(samples_dir, sample_prompts, args.sample_every))
     callbacks.append(
-        SaveEmbedding(
+        saving.SaveEmbedding(
             args.output_dir,
             placeholder_token,
-            embedding_metadata(args, placeholder_token),
+            saving.embedding_metadata(args, placeholder_token),
             fingerprint,
             every_epochs=args.save_every,
             every_steps=args.save_every_steps,
@@ -3124,24 +1719,6 @@ def training_sets(args, tokenizer, placeholder):
     return sets
 
 
-def train_from_step(trainer, steps_from, epoch_steps, epochs, first_step, callbacks):
-    """Trains from `first_step` to the end of the last epoch, or until a callback stops
-    training; `steps_from(step)` is the dataset from that step on. A run resumed within
-    an epoch first finishes that epoch, in a `fit` of its own, as Keras's epochs all
-    have one length."""
-    epoch, steps_into_epoch = divmod(first_step, epoch_steps)
-    options = dict(callbacks=callbacks, verbose=0)  # StepProgressBar shows the progress
-    if steps_into_epoch:
-        steps_left = epoch_steps - steps_into_epoch
-        train(
-            trainer, steps_from(first_step), steps_left, epoch + 1, initial_epoch=epoch, **options
-        )
-        epoch += 1
-    if not trainer.stop_training and epoch < epochs:
-        dataset = steps_from(epoch * epoch_steps)
-        train(trainer, dataset, epoch_steps, epochs, initial_epoch=epoch, **options)
-
-
 def fine_tuner_class(args):
     if args.distribute:
         return DistributedFineTuner
@@ -3151,169 +1728,172 @@ def fine_tuner_class(args):
     return StableDiffusionFineTuner
 
 
-def run_training(
-    stable_diffusion,
-    sets,
-    placeholder_token_ids,
-    args,
-    placeholder_token,
-    num_vectors=1,
-    initial_step=0,
-    state=None,
-    fingerprint=None,
-    strategy=None,
-):
-    placeholder = placeholder_text(placeholder_token, num_vectors)
-    sample_prompts = [prompt.format(placeholder) for prompt in SAMPLE_PROMPTS]
-    epoch_steps = steps_per_epoch(sets, args.batch_size)
-    total_steps = planned_steps(epoch_steps, args.epochs, args.max_train_steps, initial_step)
-    if args.sample_every and not initial_step:
-        draw_samples(
-            stable_diffusion, sample_prompts[0], 0, args.output_dir, args.sample_steps, args.seed
-        )
-
-    learning_rate = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=args.learning_rate, decay_steps=epoch_steps * args.epochs
-    )
-    with (strategy or tf.distribute.get_strategy()).scope():
-        trainer = build_trainer(
-            stable_diffusion,
-            placeholder_token_ids,
-            learning_rate,
-            seed=args.seed,
-            jit_compile=use_xla(args.xla, args.distribute),
-            trainer_class=fine_tuner_class(args),
-        )
-    if state:
-        restore_training_state(trainer, state)
-    else:
-        continue_from_step(trainer, initial_step)
-    augmentation = augment
-    if args.cache_latents:
-        use_cached_latents(trainer)
-        augmentation = pick_cached_view
-
-    loss_log = os.path.join(args.output_dir, "loss.csv")
-    cut_loss_log(loss_log, initial_step)
-    loss_logger = LossLogger(loss_log)
-    non_finite_guard = StopOnNonFiniteLoss()
-    # The loss is logged first, under its own step, before a non-finite one is undone.
-    callbacks = [loss_logger, non_finite_guard, StepProgressBar(epoch_steps, total_steps)]
-    callbacks.append(StopAfterSteps(total_steps))
-    callbacks += training_callbacks(
-        stable_diffusion, args, placeholder_token, sample_prompts, fingerprint or {}
-    )
-
-    def steps_from(step):
-        return assemble_train_dataset(
-            sets, args.batch_size, args.seed, args.epochs, step, augmentation
-        )
-
-    with stop_training_on_signals(trainer) as signals_received:
-        callbacks.append(StopAfterSignal(signals_received))
-        train_from_step(trainer, steps_from, epoch_steps, args.epochs, initial_step, callbacks)
-    loss_logger.print_step_time()
-
-    output = args.output_dir
-    plot_loss(loss_log, os.path.join(output, "loss.png"))
-    words_path = os.path.join(output, "learned_words.json")
-    report_nearest_words(stable_diffusion, placeholder_token_ids, words_path)
-    embedding_path = os.path.join(output, EMBEDDING_FILE)
-    if non_finite_guard.failed_step:
-        raise UserError(
-            f"The loss became non-finite at step {non_finite_guard.failed_step}, so "
-            f"training stopped; the last good embedding (step {non_finite_guard.good_step}) "
-            f"is in {embedding_path}: lower --learning-rate and --resume from it."
-        )
-    if signals_received:
-        raise Interrupted(
-            f"Stopped by {signals_received[0]} at step {int(trainer.step.numpy())}; the "
-            f"embedding is saved in {embedding_path}: continue with --resume {embedding_path}."
-        )
-    return trainer
-
-
 """
-`main()` runs the steps in the order of the tutorial. The cheap ones come first, so
-that a bad token or a missing image is reported before the models are built.
+`CommandLineRun` is the tutorial's run with the flags' settings, made once from them
+(and from the embedding a run resumes): it takes the steps of `run_tutorial` its own
+way where a flag asks for it, and keeps what is learned however training ends.
 """
+
+
+class CommandLineRun(TutorialRun):
+    def __init__(self, args):
+        self.args = args
+        for setting in ("resolution", "epochs", "learning_rate", "seed", "sample_every"):
+            setattr(self, setting, getattr(args, setting))
+        self.sample_steps, self.output_dir = args.sample_steps, args.output_dir
+        saving.prepare_output_dir(args.output_dir, args.resume)
+        # The same --seed gives the same models (with --random-weights) and the same run.
+        keras.utils.set_random_seed(args.seed)
+        self.resumed = saving.load_embedding(args.resume) if args.resume else None
+        self.token = self.resumed.token if self.resumed else args.placeholder_token
+        self.num_vectors = len(self.resumed.vectors) if self.resumed else args.num_vectors
+        if self.resumed and self.resumed.token != args.placeholder_token:
+            print(f"Resuming the embedding of {self.token} from {args.resume}.")
+        # The placeholder as prompts write it: all its vectors' tokens.
+        self.placeholder_token = placeholder_text(self.token, self.num_vectors)
+        self.precision = hardware.resolve_precision(args.precision)
+        self.jit_compile = hardware.use_xla(args.xla, args.distribute)
+        # With --distribute the models are built on every device.
+        self.strategy = hardware.distribution_strategy(args.distribute, args.batch_size)
+        self.state, self.initial_step, self.fingerprint = None, 0, {}
+
+    def add_token(self, tokenizer):
+        args = self.args
+        self.placeholder_token_ids, initializer_id = add_placeholder_tokens(
+            tokenizer, self.token, args.initializer_token, self.num_vectors
+        )
+        return self.placeholder_token_ids, [initializer_id] * self.num_vectors
+
+    def text_image_pairs(self, tokenizer):
+        """The sets, and with them what a resumed run goes on from."""
+        args = self.args
+        sets = training_sets(args, tokenizer, self.placeholder_token)
+        check_batch_fits(sets, args.batch_size)
+        self.fingerprint = saving.run_fingerprint(
+            args, sets, self.precision, self.token, self.num_vectors
+        )
+        if self.resumed:
+            self.state = saving.resume_state(args.resume, self.resumed, self.fingerprint)
+            if self.state:
+                self.resumed = self.resumed._replace(vectors=self.state["learned_embedding"])
+            saved_step = self.state["step"] if self.state else self.resumed.metadata.get("step", 0)
+            self.initial_step = int(saved_step)
+        return sets
+
+    def build_stable_diffusion(self, tokenizer):
+        args = self.args
+        with self.strategy.scope():
+            return build_base_model(
+                args.resolution, tokenizer, args.base_model, args.random_weights,
+                self.jit_compile, self.precision,
+            )  # fmt: skip
+
+    def extend_text_encoder(self, stable_diffusion, initializer_ids):
+        if self.resumed:
+            new_rows = rows_in_id_order(self.resumed.vectors, self.placeholder_token_ids)
+        else:
+            new_rows = token_rows(stable_diffusion.text_encoder, initializer_ids)
+        with self.strategy.scope():
+            stable_diffusion._text_encoder = extend_text_encoder(
+                stable_diffusion.text_encoder, new_rows, self.jit_compile
+            )
+
+    def freeze_models(self, stable_diffusion):
+        hardware.sample_on_one_device(sd_parts(stable_diffusion))
+        freeze_models(stable_diffusion)
+        unet_backward.speed_up_unet_backward(
+            stable_diffusion.diffusion_model, self.precision, self.jit_compile,
+            self.args.gradient_checkpointing,
+        )  # fmt: skip
+
+    def train(self, stable_diffusion, sets, placeholder_token_ids):
+        args, initial_step = self.args, self.initial_step
+        if args.cache_latents:
+            latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
+            sets = cache_latents(sets, latent_encoder, args.seed)
+        sample_prompts = [prompt.format(self.placeholder_token) for prompt in SAMPLE_PROMPTS]
+        epoch_steps = steps_per_epoch(sets, args.batch_size)
+        total_steps = run_control.planned_steps(
+            epoch_steps, args.epochs, args.max_train_steps, initial_step
+        )
+        if args.sample_every and not initial_step:
+            draw_samples(
+                stable_diffusion,
+                sample_prompts[0],
+                0,
+                args.output_dir,
+                args.sample_steps,
+                args.seed,
+            )
+
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=args.learning_rate, decay_steps=epoch_steps * args.epochs
+        )
+        with self.strategy.scope():
+            trainer = build_trainer(
+                stable_diffusion, placeholder_token_ids, learning_rate, seed=args.seed,
+                jit_compile=self.jit_compile, trainer_class=fine_tuner_class(args),
+            )  # fmt: skip
+        if self.state:
+            saving.restore_training_state(trainer, self.state)
+        else:
+            run_control.continue_from_step(trainer, initial_step)
+        augmentation = augment
+        if args.cache_latents:
+            use_cached_latents(trainer)
+            augmentation = pick_cached_view
+
+        loss_log = os.path.join(args.output_dir, "loss.csv")
+        watching.cut_loss_log(loss_log, initial_step)
+        loss_logger = watching.LossLogger(loss_log)
+        non_finite_guard = run_control.StopOnNonFiniteLoss()
+        # The loss is logged first, under its own step, before a non-finite one is undone.
+        callbacks = [
+            loss_logger,
+            non_finite_guard,
+            watching.StepProgressBar(epoch_steps, total_steps),
+        ]
+        callbacks.append(run_control.StopAfterSteps(total_steps))
+        callbacks += training_callbacks(
+            stable_diffusion, args, self.token, sample_prompts, self.fingerprint
+        )
+
+        def steps_from(step):
+            return assemble_train_dataset(
+                sets, args.batch_size, args.seed, args.epochs, step, augmentation
+            )
+
+        with run_control.stop_training_on_signals(trainer) as signals_received:
+            callbacks.append(run_control.StopAfterSignal(signals_received))
+            run_control.train_from_step(
+                trainer, steps_from, epoch_steps, args.epochs, initial_step, callbacks
+            )
+        loss_logger.print_step_time()
+
+        output = args.output_dir
+        watching.plot_loss(loss_log, os.path.join(output, "loss.png"))
+        words_path = os.path.join(output, "learned_words.json")
+        matrix = token_matrix(stable_diffusion.text_encoder)
+        watching.report_nearest_words(
+            stable_diffusion.tokenizer, matrix, placeholder_token_ids, words_path
+        )
+        embedding_path = os.path.join(output, saving.EMBEDDING_FILE)
+        if non_finite_guard.failed_step:
+            raise UserError(
+                f"The loss became non-finite at step {non_finite_guard.failed_step}, so "
+                f"training stopped; the last good embedding (step {non_finite_guard.good_step}) "
+                f"is in {embedding_path}: lower --learning-rate and --resume from it."
+            )
+        if signals_received:
+            raise Interrupted(
+                f"Stopped by {signals_received[0]} at step {int(trainer.step.numpy())}; the "
+                f"embedding is saved in {embedding_path}: continue with --resume {embedding_path}."
+            )
+        return trainer
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    prepare_output_dir(args.output_dir, args.resume)
-    # The same --seed gives the same models (with --random-weights) and the same run.
-    keras.utils.set_random_seed(args.seed)
-
-    resumed = load_embedding(args.resume) if args.resume else None
-    placeholder_token = resumed.token if resumed else args.placeholder_token
-    num_vectors = len(resumed.vectors) if resumed else args.num_vectors
-    if resumed and resumed.token != args.placeholder_token:
-        print(f"Resuming the embedding of {resumed.token} from {args.resume}.")
-    placeholder = placeholder_text(placeholder_token, num_vectors)
-
-    tokenizer = build_tokenizer()
-    placeholder_token_ids, initializer_id = add_placeholder_tokens(
-        tokenizer, placeholder_token, args.initializer_token, num_vectors
-    )
-    sets = training_sets(args, tokenizer, placeholder)
-    check_batch_fits(sets, args.batch_size)
-    precision = resolve_precision(args.precision)
-    fingerprint = run_fingerprint(args, sets, precision, placeholder_token, num_vectors)
-    state = resume_state(args.resume, resumed, fingerprint) if resumed else None
-    if state:
-        resumed = resumed._replace(vectors=state["learned_embedding"])
-    initial_step = (
-        int(state["step"]) if state else int(resumed.metadata.get("step", 0)) if resumed else 0
-    )
-
-    jit_compile = use_xla(args.xla, args.distribute)
-    # With --distribute the models are built on every device.
-    strategy = distribution_strategy(args.distribute, args.batch_size)
-    with strategy.scope():
-        stable_diffusion = build_base_model(
-            args.resolution, tokenizer, args.base_model, args.random_weights, jit_compile, precision
-        )
-        if resumed:
-            new_rows = rows_in_id_order(resumed.vectors, placeholder_token_ids)
-        else:
-            initializer_rows = [initializer_id] * num_vectors
-            new_rows = token_rows(stable_diffusion.text_encoder, initializer_rows)
-        stable_diffusion._text_encoder = extend_text_encoder(
-            stable_diffusion.text_encoder, new_rows, jit_compile
-        )
-    sample_on_one_device(stable_diffusion)
-    freeze_models(stable_diffusion)
-    if fast_gradients_apply(precision, jit_compile):
-        use_fast_input_gradients(stable_diffusion.diffusion_model)
-    if args.cache_latents:
-        latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
-        sets = cache_latents(sets, latent_encoder, args.seed)
-
-    run_training(
-        stable_diffusion,
-        sets,
-        placeholder_token_ids,
-        args,
-        placeholder_token,
-        num_vectors,
-        initial_step,
-        state,
-        fingerprint,
-        strategy,
-    )
-    generate_final_images(
-        stable_diffusion, placeholder, args.output_dir, args.sample_steps, args.seed
-    )
-
-
-def run_command(main_function):
-    """Runs a script's main(); a mistake the user can fix ends in one sentence."""
-    try:
-        main_function()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    return run_tutorial(CommandLineRun(parse_args(argv)))
 
 
 if __name__ == "__main__":

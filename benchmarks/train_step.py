@@ -33,44 +33,8 @@ the repository root:
 
 The last line printed is a one-line summary.
 
-Measured so far (128 px, batch 1, random weights; compare figures from one run only,
-as machines differ):
-
-- 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic, 2026-11-26, `python
-  benchmarks/train_step.py --steps 3 --sample-steps 0` (auto chose float32; ours with
-  the fast UNet input gradients): tutorial 5187 ms/step, ours 3385 ms/step (0.65x).
-  Where ours went: VAE encoder 676 ms, text encoder forward and backward 685 ms, UNet
-  forward 815 ms, UNet backward 1079 ms, optimizer and the rest 130 ms; the floor
-  1894 ms. The same command with `--no-fast-gradients`, right after: tutorial 6046
-  ms/step, ours 5060 ms/step (0.84x), UNet forward 986 ms and backward 2547 ms (2.6
-  forwards). A profile by op type put two thirds of that backward in
-  `Conv2DBackpropInput` (1649 of 2554 ms of op time) and most of the rest in the
-  Dense layers' transposed `MatMul`s, at the UNet's 4x4 and 2x2 levels. With
-  `--cache-latents`, right after: tutorial 5228 ms/step, ours 2639 ms/step (0.50x),
-  and no VAE encoder in the breakdown (text encoder 742, UNet forward 983, UNet
-  backward 1011 ms).
-
-- 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic, 2026-11-25, `python
-  benchmarks/train_step.py --steps 3 --sample-steps 0` (auto chose float32): tutorial
-  5392 ms/step, ours 4532 ms/step (0.84x). Where ours went: VAE encoder 569 ms, text
-  encoder forward and backward 550 ms, UNet forward 885 ms, UNet backward 2256 ms,
-  optimizer and the rest 273 ms; the floor (the UNet's forward and backward) 3140 ms,
-  so a step is 1.44x its floor. The UNet's backward costs 2.5 forwards.
-
-- 2 AMD EPYC cores with AVX2 and no bfloat16 arithmetic: tutorial 4607 ms/step, ours
-  4037 ms/step (0.88x); sampling 2469 ms per diffusion step; peak RSS 7.5 GB. There
-  `--xla on` made our step 2.2x slower (8865 ms, after a 102 s compile), and
-  `--precision mixed_bfloat16` more than twice as slow (9925 ms against the tutorial's
-  float32 4357 ms). The tutorial's own step does not run under XLA on Keras 3: its
-  `tf.reshape(tf.where(indices == 49408), ())` fails there.
-- 2 AMD EPYC (Zen 4) cores with AVX-512 and bfloat16 arithmetic: tutorial 2464
-  ms/step, ours 2395 ms/step (0.97x); with `--precision mixed_bfloat16 --steps 3`,
-  ours 1560 ms against the tutorial's float32 2523 ms (0.62x).
-
-What makes ours faster: Adam (and its weight decay) updates a `[1, 768]` vector
-instead of the 49,409 x 768 matrix, and the timestep embedding is one batched op
-instead of a `tf.map_fn`. The rest of a step is the frozen UNet's forward pass and its
-backward pass to the text context, which textual inversion cannot skip.
+What it measured on one machine is quoted in the README's Speed section; measure
+yours, as machines differ.
 """
 
 import argparse
@@ -86,6 +50,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import textual_inversion as ti  # noqa: E402
+from textual_inversion_extras import hardware, unet_backward  # noqa: E402
 
 PLACEHOLDER_TOKEN = "<my-funny-cat-token>"
 INITIALIZER_TOKEN = "cat"
@@ -124,7 +89,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--precision",
-        choices=ti.PRECISIONS,
+        choices=hardware.PRECISIONS,
         default="auto",
         help="Ours in this dtype policy (auto: as textual_inversion.py chooses for this "
         "hardware); the tutorial's code is float32 only, so with a mixed policy it gets "
@@ -332,7 +297,7 @@ def build_models(resolution, jit_compile, precision="float32"):
     placeholder_token_id, initializer_token_id = ti.add_placeholder_token(
         tokenizer, PLACEHOLDER_TOKEN, INITIALIZER_TOKEN
     )
-    stable_diffusion = ti.build_stable_diffusion(
+    stable_diffusion = ti.build_models(
         resolution,
         tokenizer,
         random_weights=True,
@@ -480,8 +445,8 @@ def hardware_facts():
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         model = names[0] if names else model
-    bf16 = [flag for flag in ti.BFLOAT16_CPU_FLAGS if flag in ti.cpu_flags()]
-    gpu = ti.gpu_facts()
+    bf16 = [flag for flag in hardware.BFLOAT16_CPU_FLAGS if flag in hardware.cpu_flags()]
+    gpu = hardware.gpu_facts()
     gpu_text = f"{gpu[0]} (compute capability {gpu[1]})" if gpu else "no GPU"
     return (
         f"{model}, {os.cpu_count()} cores, bfloat16 flags: {', '.join(bf16) or 'none'}; {gpu_text}"
@@ -491,10 +456,10 @@ def hardware_facts():
 def main(argv=None):
     args = parse_args(argv)
     keras.utils.set_random_seed(SEED)
-    jit_compile = ti.use_xla(args.xla)
+    jit_compile = hardware.use_xla(args.xla)
     device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
     print(f"hardware: {hardware_facts()}")
-    precision = ti.resolve_precision(args.precision)
+    precision = hardware.resolve_precision(args.precision)
     print(
         f"device {device}, {args.resolution}px, batch {args.batch_size}, "
         f"XLA {'on' if jit_compile else 'off'}, {args.steps} timed steps per trainer, "
@@ -516,10 +481,10 @@ def main(argv=None):
         seed=SEED,
         jit_compile=jit_compile,
     )
-    fast_gradients = ti.fast_gradients_apply(precision, jit_compile)
+    fast_gradients = unet_backward.fast_gradients_apply(precision, jit_compile)
     fast_gradients = fast_gradients and not args.no_fast_gradients
     if fast_gradients:
-        swapped = ti.use_fast_input_gradients(stable_diffusion.diffusion_model)
+        swapped = unet_backward.use_fast_input_gradients(stable_diffusion.diffusion_model)
         print(f"ours with the fast input gradients of the UNet's {swapped} Conv2D and Dense layers")
     ours_weights = [tuple(w.shape) for w in ours.trainable_weights]
     ours_batch = images

@@ -1,9 +1,12 @@
-"""Shared, expensive test fixtures: the real KerasCV models, with random weights, at
-128 px (the smallest the UNet takes), built once per test session."""
+"""Shared, expensive test fixtures, built once per test session: KerasCV's models with
+random weights at 128 px (the smallest the UNet takes), and the same with small
+stand-ins for the VAE and the UNet."""
 
 import contextlib
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the tools import their tools/drawing.py
 
 RESOLUTION = 128
 SHARED_VOCAB = os.path.join(ROOT, "..", "shared", "data", "bpe_simple_vocab_16e6.txt.gz")
@@ -29,6 +33,8 @@ def seed_keras_cache():
 seed_keras_cache()
 
 import textual_inversion as ti  # noqa: E402
+from textual_inversion_extras import saving
+from stand_ins import stand_in_models  # noqa: E402
 
 
 def write_test_images(folder, count=2, size=160):
@@ -68,7 +74,7 @@ def import_tool(name):
 
 def save_random_embedding(path, token, seed):
     vectors = np.random.default_rng(seed).normal(scale=0.02, size=(1, 768)).astype("float32")
-    ti.save_embedding(str(path), token, vectors, {"step": 3})
+    saving.save_embedding(str(path), token, vectors, {"step": 3})
     return str(path)
 
 
@@ -79,8 +85,7 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def concept(image_folder):
+def extended_stable_diffusion(image_folder):
     """A random-weights StableDiffusion extended with <my-funny-cat-token>, frozen,
     plus what the tests compare against."""
     import keras
@@ -91,7 +96,7 @@ def concept(image_folder):
     placeholder_token_id, initializer_token_id = ti.add_placeholder_token(
         tokenizer, "<my-funny-cat-token>", "cat"
     )
-    stable_diffusion = ti.build_stable_diffusion(
+    stable_diffusion = ti.build_models(
         RESOLUTION, tokenizer, random_weights=True, jit_compile=False
     )
     original_text_encoder = stable_diffusion.text_encoder
@@ -108,6 +113,62 @@ def concept(image_folder):
         original_text_encoder=original_text_encoder,
         images=ti.load_images(ti.resolve_image_files([image_folder]), RESOLUTION),
     )
+
+
+@pytest.fixture(scope="session")
+def concept(image_folder):
+    """For the mechanics: KerasCV's text encoder and tokenizer, with small stand-ins
+    for the VAE and the UNet (tests/stand_ins.py)."""
+    with stand_in_models():
+        return extended_stable_diffusion(image_folder)
+
+
+@pytest.fixture(scope="session")
+def sd1x_checkpoint(tmp_path_factory):
+    """A random full-size SD 1.x checkpoint in the CompVis layout (tests/sd1x_checkpoint.py)."""
+    from sd1x_checkpoint import write_random_checkpoint
+
+    path = str(tmp_path_factory.mktemp("checkpoint") / "sd1x-random.safetensors")
+    write_random_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint_command_line_run(sd1x_checkpoint, image_folder, tmp_path_factory):
+    """The command line on the full-size checkpoint, as a user runs it: 1 training
+    step, then `tools/generate.py` draws with what it learned, in the background. The
+    command-line tests start it beside their own runs, while this process is small; the
+    diffusers oracle checks what it wrote."""
+    folder = tmp_path_factory.mktemp("command-line")
+    train = [
+        sys.executable, os.path.join(ROOT, "textual_inversion.py"), "--base-model", sd1x_checkpoint,
+        "--images", image_folder, "--group-images", "--prompts", "a photo of {}",
+        "--resolution", str(RESOLUTION), "--max-train-steps", "1", "--sample-every", "0",
+        "--sample-steps", "1", "--output-dir", str(folder / "run"),
+    ]  # fmt: skip
+    generate = [
+        sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--base-model", sd1x_checkpoint,
+        "--embedding", str(folder / "run" / saving.EMBEDDING_FILE),
+        "--prompt", "an oil painting of {}", "--batch-size", "1", "--sample-steps", "1",
+        "--resolution", str(RESOLUTION), "--output-dir", str(folder / "draw"),
+    ]  # fmt: skip
+    script = f"{shlex.join(train)} > train.log 2>&1 && {shlex.join(generate)} > draw.log 2>&1"
+    process = subprocess.Popen(["bash", "-c", script], cwd=folder)
+    yield folder, process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def loaded_stable_diffusion(sd1x_checkpoint):
+    """For the arithmetic: all four of KerasCV's models at 128 px, loaded from that
+    checkpoint as `--base-model` does, float32. The diffusers oracle checks them first;
+    the tests of the UNet's backward and of mixed precision compare with them. Tests
+    that change them put them back."""
+    tokenizer = ti.build_tokenizer()
+    ti.add_placeholder_token(tokenizer, "<my-funny-cat-token>", "cat")
+    return ti.build_base_model(RESOLUTION, tokenizer, sd1x_checkpoint, jit_compile=False)
 
 
 @contextlib.contextmanager
@@ -129,3 +190,21 @@ def two_vector_encoder(concept, token):
     finally:
         stable_diffusion._text_encoder = shared_encoder
         ti.freeze_models(stable_diffusion)
+
+
+# The order of the modules, for memory: the command-line runs first, while this process
+# is small (three script processes of about 2.5 GB side by side); the modules on the
+# full-size models last, the oracle first among them (about 11 GB, and a command-line
+# run of the checkpoint beside it).
+FIRST_MODULES = ["test_runs_from_the_command_line.py"]
+LAST_MODULES = ["test_diffusers_oracle.py", "test_unet_backward.py", "test_mixed_precision.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        if name in FIRST_MODULES:
+            return 0
+        return 2 + LAST_MODULES.index(name) if name in LAST_MODULES else 1
+
+    items.sort(key=rank)  # a stable sort: within a module, the file's order

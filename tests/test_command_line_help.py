@@ -35,8 +35,3 @@ def test_help_shows_the_tutorial_defaults_and_names_both_tools(capsys):
     assert "(default: cat)" in help_text
     assert "(default: 50)" in help_text and "(default: 0.0001)" in help_text
     assert "tools/generate.py" in help_text and "tools/evaluate.py" in help_text
-
-
-def test_the_old_generate_command_says_where_the_tool_is():
-    with pytest.raises(ti.UserError, match="run python tools/generate.py --embedding x"):
-        ti.parse_args(["generate", "--embedding", "x"])

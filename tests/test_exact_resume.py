@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 
 import textual_inversion as ti
+from textual_inversion_extras import run_control, saving, watching
 from conftest import two_vector_encoder
 
 TOKEN = "<my-funny-cat-token>"
@@ -50,7 +51,7 @@ class SaveAtStep(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.step.numpy()) == self.step:
-            ti.save_training(self.output_dir, TOKEN, self.model, {}, {"seed": SEED})
+            saving.save_training(self.output_dir, TOKEN, self.model, {}, {"seed": SEED})
 
 
 def stop_and_resume(stable_diffusion, placeholder_ids, sets, batch_size, output_dir):
@@ -67,16 +68,16 @@ def stop_and_resume(stable_diffusion, placeholder_ids, sets, batch_size, output_
         return ti.assemble_train_dataset(sets, batch_size, SEED, epochs, step)
 
     recorder = RecordLosses()
-    callbacks = [recorder, SaveAtStep(SAVED_AT, str(output_dir)), ti.StopAfterSteps(STEPS)]
-    ti.train_from_step(trainer, steps_from, epoch_steps, epochs, 0, callbacks)
+    callbacks = [recorder, SaveAtStep(SAVED_AT, str(output_dir)), run_control.StopAfterSteps(STEPS)]
+    run_control.train_from_step(trainer, steps_from, epoch_steps, epochs, 0, callbacks)
     unstopped = trainer.learned_embedding.numpy(), dict(recorder.losses)
 
-    state_path = str(output_dir / ti.TRAINING_STATE_FILE)
-    state = ti.load_training_state(state_path, {"seed": SEED})
+    state_path = str(output_dir / saving.TRAINING_STATE_FILE)
+    state = saving.load_training_state(state_path, {"seed": SEED})
     assert int(state["step"]) == SAVED_AT
-    ti.restore_training_state(trainer, state)
+    saving.restore_training_state(trainer, state)
     recorder.losses.clear()
-    ti.train_from_step(trainer, steps_from, epoch_steps, epochs, SAVED_AT, callbacks)
+    run_control.train_from_step(trainer, steps_from, epoch_steps, epochs, SAVED_AT, callbacks)
     matrix_rows = ti.token_rows(stable_diffusion.text_encoder, placeholder_ids)
     np.testing.assert_array_equal(matrix_rows, trainer.learned_embedding.numpy())
     resumed = trainer.learned_embedding.numpy(), dict(recorder.losses)
@@ -129,32 +130,32 @@ def fingerprint(**changes):
     ],
 )
 def test_a_state_saved_by_another_configuration_is_refused(trainer, tmp_path, change, message):
-    ti.save_training(str(tmp_path), TOKEN, trainer, {}, fingerprint())
-    path = str(tmp_path / ti.TRAINING_STATE_FILE)
-    assert ti.load_training_state(path, fingerprint()) is not None
+    saving.save_training(str(tmp_path), TOKEN, trainer, {}, fingerprint())
+    path = str(tmp_path / saving.TRAINING_STATE_FILE)
+    assert saving.load_training_state(path, fingerprint()) is not None
     with pytest.raises(ti.UserError, match=message) as refused:
-        ti.load_training_state(path, fingerprint(**change))
+        saving.load_training_state(path, fingerprint(**change))
     assert "delete" in str(refused.value)
 
 
 def test_the_state_holds_the_optimizer_the_random_state_and_the_step(trainer, tmp_path):
-    ti.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
-    state = ti.load_training_state(str(tmp_path / ti.TRAINING_STATE_FILE), fingerprint())
+    saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
+    state = saving.load_training_state(str(tmp_path / saving.TRAINING_STATE_FILE), fingerprint())
     assert {"learned_embedding", "step", "seed_generator_state"} <= set(state)
     assert any(key.startswith("optimizer/") for key in state)
     # The embedding beside it is the single tensor other tools load.
-    embedding = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))
+    embedding = saving.load_embedding(str(tmp_path / saving.EMBEDDING_FILE))
     np.testing.assert_array_equal(embedding.vectors, state["learned_embedding"])
 
 
 def test_a_save_that_fails_keeps_the_previous_files_and_says_what_to_do(
     trainer, tmp_path, monkeypatch
 ):
-    saver = ti.SaveEmbedding(str(tmp_path), TOKEN, {}, fingerprint(), 0, 1)
+    saver = saving.SaveEmbedding(str(tmp_path), TOKEN, {}, fingerprint(), 0, 1)
     saver.set_model(trainer)
     saver.save()
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    assert sorted(before) == sorted([ti.EMBEDDING_FILE, ti.TRAINING_STATE_FILE])
+    assert sorted(before) == sorted([saving.EMBEDDING_FILE, saving.TRAINING_STATE_FILE])
 
     def disk_full(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -180,7 +181,7 @@ def test_the_loss_log_is_cut_back_to_the_step_a_run_resumes_from(tmp_path):
         rows += [[step, 1, 0.1 * step, 2.0] for step in range(1, 6)]
         csv.writer(f).writerows(rows)
         f.write("6,1,0.")  # a row cut short by kill -9
-    ti.cut_loss_log(path, 3)
+    watching.cut_loss_log(path, 3)
     with open(path) as f:
         kept = list(csv.DictReader(f))
     assert [int(row["step"]) for row in kept] == [1, 2, 3]
@@ -192,20 +193,20 @@ def test_an_empty_or_header_only_loss_log_is_kept_as_a_header(tmp_path):
     with open(header_only, "w") as f:
         f.write("step,epoch,loss,seconds\n")
     for path in (empty, header_only):
-        ti.cut_loss_log(path, 3)
+        watching.cut_loss_log(path, 3)
         with open(path) as f:
             assert f.read().strip() == "step,epoch,loss,seconds"
 
 
 def test_a_state_of_another_step_than_the_embedding_is_not_used(trainer, tmp_path, capsys):
     """A snapshot of an earlier step, resumed from a folder whose state went further."""
-    ti.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
+    saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
     snapshot = str(tmp_path / "snapshot.safetensors")
     vectors = trainer.learned_embedding.numpy() + 1.0
-    ti.save_embedding(snapshot, TOKEN, vectors, {"step": 5})
-    resumed = ti.load_embedding(snapshot)
-    assert ti.resume_state(snapshot, resumed, fingerprint()) is None
+    saving.save_embedding(snapshot, TOKEN, vectors, {"step": 5})
+    resumed = saving.load_embedding(snapshot)
+    assert saving.resume_state(snapshot, resumed, fingerprint()) is None
     assert "resuming the embedding alone" in capsys.readouterr().out
-    embedding = str(tmp_path / ti.EMBEDDING_FILE)
-    state = ti.resume_state(embedding, ti.load_embedding(embedding), fingerprint())
+    embedding = str(tmp_path / saving.EMBEDDING_FILE)
+    state = saving.resume_state(embedding, saving.load_embedding(embedding), fingerprint())
     assert int(state["step"]) == 0

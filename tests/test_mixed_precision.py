@@ -9,9 +9,11 @@ import gc
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
+from textual_inversion_extras import hardware, saving
 from conftest import RESOLUTION
 
 # bfloat16 keeps 8 bits of mantissa: a relative error of 1% on a mean of ~16k squared
@@ -29,78 +31,49 @@ def fixed_batch_losses(stable_diffusion, placeholder_token_id, images, token_ids
     return losses
 
 
-def mixed_precision_copy(concept, precision):
-    """The concept's Stable Diffusion, built again under `precision`, same weights."""
-    float32_sd = concept["stable_diffusion"]
-    mixed_sd = ti.build_stable_diffusion(
-        RESOLUTION, concept["tokenizer"], random_weights=True, jit_compile=False,
+@pytest.fixture(scope="module")
+def real_concept(loaded_stable_diffusion, image_folder):
+    """The loaded float32 Stable Diffusion, its text encoder extended with
+    <my-funny-cat-token> from "cat" for this module; put back afterwards."""
+    stable_diffusion = loaded_stable_diffusion
+    tokenizer = stable_diffusion.tokenizer
+    placeholder_token_id = tokenizer.encoder["<my-funny-cat-token>"]
+    original = stable_diffusion.text_encoder
+    cat_row = ti.token_rows(original, [ti.initializer_token_id(tokenizer, "cat")])
+    stable_diffusion._text_encoder = ti.extend_text_encoder(original, cat_row)
+    ti.freeze_models(stable_diffusion)
+    images = ti.load_images(ti.resolve_image_files([image_folder]), RESOLUTION)
+    yield dict(
+        stable_diffusion=stable_diffusion, tokenizer=tokenizer,
+        placeholder_token_id=placeholder_token_id, images=images,
+    )  # fmt: skip
+    stable_diffusion._text_encoder = original
+
+
+def mixed_precision_copy(real_concept, precision):
+    """The real Stable Diffusion, built again under `precision`, same weights."""
+    float32_sd = real_concept["stable_diffusion"]
+    mixed_sd = ti.build_models(
+        RESOLUTION, real_concept["tokenizer"], random_weights=True, jit_compile=False,
         precision=precision,
     )  # fmt: skip
     mixed_sd._text_encoder = ti.extend_text_encoder(
         mixed_sd.text_encoder,
-        ti.token_rows(float32_sd.text_encoder, [concept["placeholder_token_id"]]),
+        ti.token_rows(float32_sd.text_encoder, [real_concept["placeholder_token_id"]]),
     )
     for part in ("text_encoder", "image_encoder", "diffusion_model"):
         getattr(mixed_sd, part).set_weights(getattr(float32_sd, part).get_weights())
     ti.freeze_models(mixed_sd)
-    assert mixed_sd.diffusion_model.dtype_policy.name == precision
     return mixed_sd
 
 
-def fixed_batch(concept):
-    images = tf.constant(concept["images"][:1].astype("float32"))
+def fixed_batch(real_concept):
+    images = tf.constant(real_concept["images"][:1].astype("float32"))
     prompt = "a photo of a <my-funny-cat-token>"
-    return images, tf.constant(ti.encode_prompt(concept["tokenizer"], prompt)[None])
+    return images, tf.constant(ti.encode_prompt(real_concept["tokenizer"], prompt)[None])
 
 
-def test_mixed_bfloat16_loss_equals_float32_loss(concept):
-    images, token_ids = fixed_batch(concept)
-    seeds = [1, 2]
-    try:
-        mixed_sd = mixed_precision_copy(concept, "mixed_bfloat16")
-        mixed = fixed_batch_losses(
-            mixed_sd, concept["placeholder_token_id"], images, token_ids, seeds
-        )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-        # A second Stable Diffusion is ~4 GB: let it go before the next tests.
-        mixed_sd = None
-        gc.collect()
-    reference = fixed_batch_losses(
-        concept["stable_diffusion"], concept["placeholder_token_id"], images, token_ids, seeds
-    )
-    assert len(set(reference)) == len(seeds), "the seeds should give different examples"
-    np.testing.assert_allclose(mixed, reference, rtol=RELATIVE_TOLERANCE)
-
-
-def loss_and_unscaled_gradient(stable_diffusion, placeholder_token_id, images, token_ids):
-    trainer = ti.build_trainer(stable_diffusion, [placeholder_token_id], 1e-4, seed=0)
-    trainer.seed_generator.state.assign(np.array([1, 0], dtype="uint32"))
-    ti.build_optimizer(trainer)  # a loss-scale optimizer has its scale once built
-    loss, gradient = trainer.loss_and_gradient(images, token_ids)
-    scale = 1.0
-    if isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer):
-        scale = float(trainer.optimizer.dynamic_scale)
-    return float(loss), np.asarray(gradient)[0] / scale, scale
-
-
-def test_mixed_float16_with_loss_scaling_gives_the_float32_loss_and_gradient(concept):
-    images, token_ids = fixed_batch(concept)
-    placeholder_token_id = concept["placeholder_token_id"]
-    try:
-        mixed_sd = mixed_precision_copy(concept, "mixed_float16")
-        loss, gradient, scale = loss_and_unscaled_gradient(
-            mixed_sd, placeholder_token_id, images, token_ids
-        )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-        mixed_sd = None
-        gc.collect()
-    reference_loss, reference_gradient, _ = loss_and_unscaled_gradient(
-        concept["stable_diffusion"], placeholder_token_id, images, token_ids
-    )
-    assert scale > 1  # the gradient was computed on a scaled loss
-    np.testing.assert_allclose(loss, reference_loss, rtol=RELATIVE_TOLERANCE)
+def assert_same_gradient(gradient, reference_gradient):
     cosine = gradient @ reference_gradient
     cosine /= np.linalg.norm(gradient) * np.linalg.norm(reference_gradient)
     assert cosine > 0.99
@@ -109,31 +82,119 @@ def test_mixed_float16_with_loss_scaling_gives_the_float32_loss_and_gradient(con
     )
 
 
+def loss_and_unscaled_gradient(stable_diffusion, placeholder_token_id, images, token_ids):
+    trainer = ti.build_trainer(stable_diffusion, [placeholder_token_id], 1e-4, seed=0)
+    trainer.seed_generator.state.assign(np.array([1, 0], dtype="uint32"))
+    saving.build_optimizer(trainer)  # a loss-scale optimizer has its scale once built
+    loss, gradient = trainer.loss_and_gradient(images, token_ids)
+    scale = 1.0
+    if isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer):
+        scale = float(trainer.optimizer.dynamic_scale)
+    return float(loss), np.asarray(gradient)[0] / scale, scale
+
+
+@pytest.fixture(scope="module")
+def bfloat16_copy(real_concept):
+    yield mixed_precision_copy(real_concept, "mixed_bfloat16")
+    gc.collect()  # A second Stable Diffusion is ~4 GB: let it go after this module.
+
+
+def test_under_a_mixed_policy_the_frozen_models_hold_their_weights_in_the_compute_dtype(
+    real_concept, bfloat16_copy
+):
+    """No cast of a billion weights at every step: the VAE and the UNet are stored in
+    bfloat16; the text encoder, which holds the learned row, in float32."""
+    dtypes = {
+        part: {weight.dtype for weight in getattr(bfloat16_copy, part).weights}
+        for part in ("text_encoder", "image_encoder", "diffusion_model", "decoder")
+    }
+    assert dtypes == {
+        "text_encoder": {"float32"},
+        "image_encoder": {"bfloat16"},
+        "diffusion_model": {"bfloat16"},
+        "decoder": {"bfloat16"},
+    }
+    trainer = ti.build_trainer(bfloat16_copy, [real_concept["placeholder_token_id"]], 1e-4)
+    assert trainer.learned_embedding.dtype == "float32"
+
+
+@pytest.fixture(scope="module")
+def float32_reference(real_concept):
+    """Float32's loss and gradient at seed 1, and its loss at seed 2."""
+    images, token_ids = fixed_batch(real_concept)
+    float32_sd, placeholder_token_id = (
+        real_concept["stable_diffusion"],
+        real_concept["placeholder_token_id"],
+    )
+    loss, gradient, _ = loss_and_unscaled_gradient(
+        float32_sd, placeholder_token_id, images, token_ids
+    )
+    (other_loss,) = fixed_batch_losses(float32_sd, placeholder_token_id, images, token_ids, [2])
+    assert other_loss != loss, "the seeds should give different examples"
+    return loss, gradient, other_loss
+
+
+def test_mixed_bfloat16_gives_the_float32_loss_and_gradient(
+    real_concept, bfloat16_copy, float32_reference
+):
+    images, token_ids = fixed_batch(real_concept)
+    placeholder_token_id = real_concept["placeholder_token_id"]
+    reference_loss, reference_gradient, other_reference = float32_reference
+    # Seed 1: the loss and the gradient; seed 2: another example's loss.
+    loss, gradient, _ = loss_and_unscaled_gradient(
+        bfloat16_copy, placeholder_token_id, images, token_ids
+    )
+    (other_loss,) = fixed_batch_losses(bfloat16_copy, placeholder_token_id, images, token_ids, [2])
+    np.testing.assert_allclose(
+        [loss, other_loss], [reference_loss, other_reference], rtol=RELATIVE_TOLERANCE
+    )
+    assert_same_gradient(gradient, reference_gradient)
+
+
+def test_mixed_float16_with_loss_scaling_gives_the_float32_loss_and_gradient(
+    real_concept, float32_reference
+):
+    images, token_ids = fixed_batch(real_concept)
+    placeholder_token_id = real_concept["placeholder_token_id"]
+    reference_loss, reference_gradient, _ = float32_reference
+    try:
+        mixed_sd = mixed_precision_copy(real_concept, "mixed_float16")
+        loss, gradient, scale = loss_and_unscaled_gradient(
+            mixed_sd, placeholder_token_id, images, token_ids
+        )
+    finally:
+        mixed_sd = None
+        gc.collect()  # A second Stable Diffusion is ~4 GB: let it go.
+    assert scale > 1  # the gradient was computed on a scaled loss
+    np.testing.assert_allclose(loss, reference_loss, rtol=RELATIVE_TOLERANCE)
+    assert_same_gradient(gradient, reference_gradient)
+
+
 # --- --precision auto ------------------------------------------------------------------
 
 
 def test_auto_precision_is_float32_on_a_cpu_without_bfloat16_arithmetic():
-    precision, reason = ti.choose_precision(None, {"avx2", "fma", "avx512f"})
+    precision, reason = hardware.choose_precision(None, {"avx2", "fma", "avx512f"})
     assert precision == "float32"
     assert "no bfloat16 arithmetic" in reason
 
 
 def test_auto_precision_is_bfloat16_on_a_cpu_with_bfloat16_arithmetic():
     for flag in ("avx512_bf16", "amx_bf16"):
-        precision, reason = ti.choose_precision(None, {"avx2", flag})
+        precision, reason = hardware.choose_precision(None, {"avx2", flag})
         assert precision == "mixed_bfloat16" and flag in reason
 
 
 def test_auto_precision_is_float16_with_loss_scaling_on_a_t4_and_bfloat16_on_an_a100():
-    assert ti.choose_precision(("Tesla T4", (7, 5)), set())[0] == "mixed_float16"
-    assert ti.choose_precision(("Tesla V100", (7, 0)), set())[0] == "mixed_float16"
-    assert ti.choose_precision(("NVIDIA A100", (8, 0)), set())[0] == "mixed_bfloat16"
-    assert ti.choose_precision(("Tesla K80", (3, 7)), {"amx_bf16"})[0] == "float32"
+    assert hardware.choose_precision(("Tesla T4", (7, 5)), set())[0] == "mixed_float16"
+    assert hardware.choose_precision(("Tesla V100", (7, 0)), set())[0] == "mixed_float16"
+    assert hardware.choose_precision(("NVIDIA A100", (8, 0)), set())[0] == "mixed_bfloat16"
+    assert hardware.choose_precision(("Tesla K80", (3, 7)), {"amx_bf16"})[0] == "float32"
 
 
 def test_an_explicit_precision_is_kept_and_auto_says_what_it_chose(capsys):
-    assert ti.resolve_precision("mixed_float16") == "mixed_float16"
+    assert hardware.resolve_precision("mixed_float16") == "mixed_float16"
     assert capsys.readouterr().out == ""
-    chosen = ti.resolve_precision("auto")
-    assert chosen in ti.PRECISIONS and chosen != "auto"
+    chosen = hardware.resolve_precision("auto")
+    assert chosen in hardware.PRECISIONS and chosen != "auto"
     assert f"--precision auto: {chosen}, as " in capsys.readouterr().out

@@ -86,7 +86,9 @@ def test_placeholder_gradient_keeps_and_sums_only_placeholder_rows():
     result = ti.placeholder_gradient(gradient, tf.constant([7, 9])).numpy()
     np.testing.assert_array_equal(result, [[0 + 6, 1 + 7, 2 + 8], [3, 4, 5]])
     dense = tf.convert_to_tensor(gradient)
-    np.testing.assert_array_equal(ti.placeholder_gradient(dense, tf.constant([7, 9])).numpy(), result)
+    np.testing.assert_array_equal(
+        ti.placeholder_gradient(dense, tf.constant([7, 9])).numpy(), result
+    )
 
 
 # --- Training --------------------------------------------------------------------------
@@ -105,9 +107,10 @@ def training_run(concept):
     digests_before = {name: weight_digests(model) for name, model in models.items()}
     matrix_before = token_matrix(stable_diffusion).copy()
 
-    # A learning rate high enough to see the loss move in a handful of steps.
+    # A learning rate that moves the loss in a handful of steps; on the stand-in UNet
+    # a larger one overshoots the fixed example's minimum.
     trainer = ti.build_trainer(
-        stable_diffusion, [concept["placeholder_token_id"]], learning_rate=0.05, seed=0
+        stable_diffusion, [concept["placeholder_token_id"]], learning_rate=0.003, seed=0
     )
     images = concept["images"][:1].astype("float32")
     token_ids = ti.encode_prompt(concept["tokenizer"], f"a photo of a {PLACEHOLDER}")[None]

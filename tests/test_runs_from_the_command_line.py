@@ -1,16 +1,16 @@
-"""The script from its command line, in subprocesses, as a user runs it.
+"""The script from its command line, in subprocesses, as a user runs it, with small
+stand-ins for the VAE and the UNet (tests/stand_ins.py): these tests check the wiring,
+not the arithmetic. The diffusers oracle runs the command line once on a full-size
+checkpoint, and draws with `tools/generate.py` from what it learned.
 
 Three runs start together, in a module fixture: a run with --distribute on two logical
 CPU devices, the same run on one device, and the same run once more, killed with
-SIGKILL after its third step (it sends the signal to itself, so that the step is always
-the same), resumed and stopped with Ctrl-C, and resumed again to the end. Most of a run's time is building and tracing the models, which keeps one core
-busy, so side by side they take little longer than the longest alone. The two tools,
-`generate` and `evaluate`, then run side by side too.
+SIGKILL after its fourth step (it sends the signal to itself, so that the step is always
+the same) and resumed to the end. Ctrl-C is tested in-process (test_exact_resume.py).
 """
 
 import csv
 import json
-import math
 import os
 import signal
 import subprocess
@@ -20,23 +20,13 @@ import numpy as np
 import pytest
 
 import textual_inversion as ti
-from conftest import RESOLUTION, ROOT, run_script, save_random_embedding
+from textual_inversion_extras import saving
+from conftest import RESOLUTION, ROOT, save_random_embedding
 
 PLACEHOLDER = "<my-funny-cat-token>"
 SCRIPT = os.path.join(ROOT, "textual_inversion.py")
-GENERATE = os.path.join(ROOT, "tools", "generate.py")
 EVALUATE = os.path.join(ROOT, "tools", "evaluate.py")
-
-# Splits the CPU into two logical devices, then runs the script as `python
-# textual_inversion.py ...` would.
-TWO_DEVICES = f"""
-import runpy, sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-sys.argv[0] = {os.path.join(ROOT, "textual_inversion.py")!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+STAND_INS = os.path.join(ROOT, "tests", "stand_ins.py")
 
 # Measured: the losses agree within 2e-5 (relative), the vectors within 1.4e-5. A batch
 # of 1 and a batch of 2 run the convolutions in different orders, and Adam's normalised
@@ -47,45 +37,30 @@ LOSS_TOLERANCE = 1e-4
 VECTOR_TOLERANCE = 1e-4
 
 # 2 images and 1 prompt make 5 examples, 2 steps an epoch with a batch of 2.
-STEPS = 4
+STEPS = 6
 # Every loss of a resumed run equals the unstopped run's bit for bit, and so did the
 # vectors of these runs; in-process we once saw 84 of 1,536 components differ by an
 # ulp (3.7e-9). A state that missed anything (Adam's moments, the step, the random
 # state, the data's place) moves the vector by about the learning rate, 1e-2.
 RESUME_TOLERANCE = 1e-7
-STOPPED_AFTER = 3  # steps: SIGKILL after the third, then SIGINT after the third again
-
-# The script's main(), with a signal sent to itself right after a step is logged: the
-# step the signal comes after is then the same in every run, however busy the machine.
-SIGNAL_AFTER_STEP = f"""
-import os, signal, sys
-sys.path.insert(0, {ROOT!r})
-import textual_inversion as ti
-signal_name, after_step = sys.argv.pop(1), int(sys.argv.pop(1))
-log_step = ti.LossLogger.on_train_batch_end
-
-def log_step_then_signal(self, batch, logs=None):
-    log_step(self, batch, logs)
-    if int(self.model.step.numpy()) == after_step:
-        os.kill(os.getpid(), getattr(signal, signal_name))
-
-ti.LossLogger.on_train_batch_end = log_step_then_signal
-ti.run_command(ti.main)
-"""
+SAVE_EVERY_STEPS = 3
+KILLED_AFTER = 4  # steps: killed within the second epoch, one step after its last save
 
 
 class Run:
-    """A run of the script in the background; its output goes to files, not pipes, so
-    that a chatty run never waits for the test to read it."""
+    """A run of the script in the background, with the stand-in models; its output
+    goes to files, not pipes, so that a chatty run never waits for the test to read it.
+    `options` are tests/stand_ins.py's own (--two-devices, --signal, --after-step)."""
 
-    def __init__(self, command, logs):
+    def __init__(self, script, flags, logs, options=()):
         self.stdout_path, self.stderr_path = f"{logs}.stdout", f"{logs}.stderr"
+        command = [sys.executable, STAND_INS, *options, script, *flags]
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, *map(str, command)], stdout=stdout, stderr=stderr, text=True
+                [str(part) for part in command], stdout=stdout, stderr=stderr, text=True
             )
 
-    def finish(self, timeout=1500):
+    def finish(self, timeout=900):
         self.process.wait(timeout=timeout)
         with open(self.stdout_path) as stdout, open(self.stderr_path) as stderr:
             self.stdout, self.stderr = stdout.read(), stderr.read()
@@ -121,27 +96,25 @@ def step_losses(output_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, image_folder):
+def runs(tmp_path_factory, image_folder, checkpoint_command_line_run):
+    # The oracle's run of the full-size checkpoint starts now too, beside these.
     root = tmp_path_factory.mktemp("command-line")
+    killed_flags = [
+        *training_flags(image_folder, root / "run"),
+        "--save-every-steps",
+        SAVE_EVERY_STEPS,
+    ]
     runs = {
         "distributed": Run(
-            [
-                "-c",
-                TWO_DEVICES,
-                *training_flags(image_folder, root / "two-devices"),
-                "--distribute",
-            ],
-            root / "two-devices",
+            SCRIPT, [*training_flags(image_folder, root / "two-devices"), "--distribute"],
+            root / "two-devices", options=["--two-devices"],
         ),
-        "single": Run(
-            [SCRIPT, *training_flags(image_folder, root / "one-device")], root / "one-device"
-        ),
+        "single": Run(SCRIPT, training_flags(image_folder, root / "one-device"), root / "one-device"),
         "killed": Run(
-            ["-c", SIGNAL_AFTER_STEP, "SIGKILL", STOPPED_AFTER,
-             *training_flags(image_folder, root / "run"), "--save-every-steps", 2],
-            root / "killed",
-        ),  # fmt: skip
-    }
+            SCRIPT, killed_flags, root / "killed",
+            options=["--signal", "SIGKILL", "--after-step", KILLED_AFTER],
+        ),
+    }  # fmt: skip
     yield root, runs
     for run in runs.values():
         if run.process.poll() is None:
@@ -149,86 +122,68 @@ def runs(tmp_path_factory, image_folder):
             run.process.wait()
 
 
-# --- kill -9, Ctrl-C, --resume -------------------------------------------------------------
+# --- kill -9 and --resume ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def stopped_and_resumed(runs, image_folder):
-    """The run killed with SIGKILL after its third step (its state saved after the
-    second); resumed, and stopped by SIGINT after the third step again; resumed again,
-    within its second epoch, with samples, to its last step."""
+def killed_and_resumed(runs, image_folder):
+    """The run killed with SIGKILL after its fourth step (its state saved after the
+    third), then resumed, within its second epoch, with samples, to its last step."""
     root, runs = runs
     output_dir = root / "run"
-    flags = [*training_flags(image_folder, output_dir), "--save-every-steps", 2]
-    resume = ["--resume", output_dir / ti.EMBEDDING_FILE]
+    flags = [*training_flags(image_folder, output_dir), "--save-every-steps", SAVE_EVERY_STEPS]
+    resume = ["--resume", output_dir / saving.EMBEDDING_FILE]
 
     killed = runs["killed"]
     killed.finish()
     logged_when_killed = len(step_losses(output_dir))
-    saved_when_killed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
+    saved_when_killed = saving.load_embedding(str(output_dir / saving.EMBEDDING_FILE))
 
-    interrupted = Run(
-        ["-c", SIGNAL_AFTER_STEP, "SIGINT", STOPPED_AFTER, *flags, *resume], root / "interrupted"
-    )
-    interrupted.finish()
-    saved_when_interrupted = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
-
-    finished = run_script(*flags, *resume, "--sample-every", 1, timeout=1500)
+    finished = Run(SCRIPT, [*flags, *resume, "--sample-every", 1], root / "finished")
+    finished.finish()
     return dict(
         output_dir=output_dir, killed=killed, logged_when_killed=logged_when_killed,
-        saved_when_killed=saved_when_killed, interrupted=interrupted,
-        saved_when_interrupted=saved_when_interrupted, finished=finished,
+        saved_when_killed=saved_when_killed, finished=finished,
     )  # fmt: skip
 
 
-def test_a_killed_run_leaves_whole_files_of_its_last_save(stopped_and_resumed):
-    assert stopped_and_resumed["killed"].process.returncode == -signal.SIGKILL
-    assert stopped_and_resumed["logged_when_killed"] == STOPPED_AFTER
-    assert stopped_and_resumed["saved_when_killed"].metadata["step"] == "2"
-    assert not [
-        name for name in os.listdir(stopped_and_resumed["output_dir"]) if ".partial" in name
-    ]
+def test_a_killed_run_leaves_whole_files_of_its_last_save(killed_and_resumed):
+    assert killed_and_resumed["killed"].process.returncode == -signal.SIGKILL
+    assert killed_and_resumed["logged_when_killed"] == KILLED_AFTER
+    assert killed_and_resumed["saved_when_killed"].metadata["step"] == str(SAVE_EVERY_STEPS)
+    assert not [name for name in os.listdir(killed_and_resumed["output_dir"]) if ".partial" in name]
 
 
-def test_ctrl_c_saves_the_embedding_and_exits_130_with_the_resume_command(stopped_and_resumed):
-    interrupted = stopped_and_resumed["interrupted"]
-    assert interrupted.process.returncode == 130, interrupted.stderr[-3000:]
-    assert "Traceback" not in interrupted.stderr
-    assert "Stopped by SIGINT" in interrupted.stderr and "--resume" in interrupted.stderr
-    assert "Resuming step 2 with its training state" in interrupted.stdout
-    assert stopped_and_resumed["saved_when_interrupted"].metadata["step"] == str(STOPPED_AFTER)
-
-
-def test_a_killed_and_stopped_run_ends_where_the_unstopped_run_does(runs, stopped_and_resumed):
+def test_a_killed_run_resumed_ends_where_the_unstopped_run_does(runs, killed_and_resumed):
     root, runs = runs
-    finished = stopped_and_resumed["finished"]
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    finished = killed_and_resumed["finished"]
+    assert finished.process.returncode == 0, finished.stderr[-3000:]
     assert runs["single"].finish() == 0, runs["single"].stderr[-3000:]
-    assert "Resuming step 3 with its training state" in finished.stdout
-    # The progress bar counts the 1 step left of the second epoch, not the epoch's 2.
-    assert "1/1" in finished.stdout and "2/2" not in finished.stdout
+    assert f"Resuming step {SAVE_EVERY_STEPS} with its training state" in finished.stdout
+    # The progress bar counts the 1 step left of the second epoch, then the third's 2.
+    assert "1/1" in finished.stdout and "2/2" in finished.stdout
 
-    output_dir, unstopped_dir = stopped_and_resumed["output_dir"], root / "one-device"
+    output_dir, unstopped_dir = killed_and_resumed["output_dir"], root / "one-device"
     rows = read_loss_rows(output_dir / "loss.csv")
     assert [int(row["step"]) for row in rows] == list(range(1, STEPS + 1))  # each once
     assert step_losses(output_dir) == step_losses(unstopped_dir)
-    resumed = ti.load_embedding(str(output_dir / ti.EMBEDDING_FILE))
-    unstopped = ti.load_embedding(str(unstopped_dir / ti.EMBEDDING_FILE))
+    resumed = saving.load_embedding(str(output_dir / saving.EMBEDDING_FILE))
+    unstopped = saving.load_embedding(str(unstopped_dir / saving.EMBEDDING_FILE))
     assert resumed.metadata["step"] == unstopped.metadata["step"] == str(STEPS)
     np.testing.assert_allclose(resumed.vectors, unstopped.vectors, rtol=0, atol=RESUME_TOLERANCE)
 
 
 def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_images(
-    stopped_and_resumed,
+    killed_and_resumed,
 ):
-    output_dir = stopped_and_resumed["output_dir"]
-    assert stopped_and_resumed["finished"].returncode == 0
+    output_dir = killed_and_resumed["output_dir"]
+    assert killed_and_resumed["finished"].process.returncode == 0
     assert os.path.getsize(output_dir / "loss.png") > 0
     assert os.path.exists(output_dir / "learned_words.json")
 
-    # Samples of the one epoch that ended in the last part of the run, its second.
+    # Samples of the two epochs that ended in the resumed part of the run.
     slugs = [ti.slugify(p.format(PLACEHOLDER)) for p in ti.SAMPLE_PROMPTS]
-    expected = [f"epoch-002_{slug}.png" for slug in slugs]
+    expected = [f"epoch-{epoch:03d}_{slug}.png" for epoch in (2, 3) for slug in slugs]
     assert sorted(os.listdir(output_dir / "samples")) == sorted(expected + ["progress.png"])
     assert len(os.listdir(output_dir / "final")) == len(ti.FINAL_PROMPTS)
 
@@ -236,6 +191,8 @@ def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_ima
 
     sample = plt.imread(output_dir / "samples" / expected[0])
     assert sample.shape[:2] == (RESOLUTION, 3 * RESOLUTION)
+    montage = plt.imread(output_dir / "samples" / "progress.png")
+    assert montage.shape[1] == 2 * RESOLUTION  # a column per sampling epoch
 
 
 # --- --distribute ------------------------------------------------------------------------
@@ -244,7 +201,7 @@ def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_ima
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path, image_folder):
     flags = training_flags(image_folder, tmp_path / "run")
     flags[flags.index("--batch-size") + 1] = 3
-    run = Run(["-c", TWO_DEVICES, *flags, "--distribute"], tmp_path / "log")
+    run = Run(SCRIPT, [*flags, "--distribute"], tmp_path / "log", options=["--two-devices"])
     assert run.finish() == 2, run.stderr[-2000:]
     assert "error: --batch-size 3 does not split evenly over the 2 devices" in run.stderr
     assert "Traceback" not in run.stderr
@@ -274,8 +231,8 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
         step_losses(distributed_dir), step_losses(single_dir), rtol=LOSS_TOLERANCE
     )
     # ...and the same learned vector,
-    learned = ti.load_embedding(str(distributed_dir / ti.EMBEDDING_FILE))
-    reference = ti.load_embedding(str(single_dir / ti.EMBEDDING_FILE))
+    learned = saving.load_embedding(str(distributed_dir / saving.EMBEDDING_FILE))
+    reference = saving.load_embedding(str(single_dir / saving.EMBEDDING_FILE))
     assert learned.metadata["step"] == reference.metadata["step"] == str(STEPS)
     np.testing.assert_allclose(learned.vectors, reference.vectors, atol=VECTOR_TOLERANCE, rtol=0)
     # which did move away from cat's row, where it started (cosine 1 before training).
@@ -283,63 +240,36 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
         assert json.load(f)[0]["nearest"][0]["cosine"] < 0.999
 
 
-# --- generate and evaluate ---------------------------------------------------------------
+# --- evaluate (the oracle runs generate) --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def drawing_runs(tmp_path_factory, image_folder):
-    root = tmp_path_factory.mktemp("drawing")
-    generate_embedding = save_random_embedding(
-        root / "generate.safetensors", "<my-test-token>", seed=2
-    )
-    evaluate_embedding = save_random_embedding(
-        root / "evaluate.safetensors", "<my-eval-token>", seed=3
-    )
-    common = ["--sample-steps", 2, "--random-weights", "--resolution", RESOLUTION]
-    runs = {
-        "generate": Run(
-            [GENERATE, "--embedding", generate_embedding,
-             "--prompt", "an oil painting of {}", "--batch-size", 2,
-             *common, "--output-dir", root / "gen"],
-            root / "generate",
-        ),
-        "evaluate": Run(
-            [EVALUATE, "--embedding", evaluate_embedding, "--images", image_folder,
-             "--num-images", 2, *common, "--output-dir", root / "eval"],
-            root / "evaluate",
-        ),
-    }  # fmt: skip
-    yield root, runs
-    for run in runs.values():
-        if run.process.poll() is None:
-            run.process.kill()
-            run.process.wait()
-
-
-def test_the_generate_tool_writes_images(drawing_runs):
-    root, runs = drawing_runs
-    run = runs["generate"]
+def test_the_evaluate_tool_writes_the_images_it_scores_and_their_mean_scores(
+    tmp_path, image_folder
+):
+    embedding = save_random_embedding(tmp_path / "evaluate.safetensors", "<my-eval-token>", 3)
+    run = Run(
+        EVALUATE,
+        ["--embedding", embedding, "--images", image_folder, "--num-images", 2,
+         "--sample-steps", 2, "--random-weights", "--resolution", RESOLUTION,
+         "--output-dir", tmp_path / "eval"],
+        tmp_path / "evaluate",
+    )  # fmt: skip
     assert run.finish() == 0, run.stderr[-3000:]
-    written = sorted(os.listdir(root / "gen" / "generated"))
-    assert len(written) == 2
-    assert all(name.startswith("an-oil-painting-of-my-test-token") for name in written)
-
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    per_prompt = report["per_prompt"]
+    assert len(per_prompt) == 3  # the tool's evaluation prompts
+    # Each prompt's images were drawn and written, 2 side by side.
     import matplotlib.pyplot as plt
 
-    image = plt.imread(root / "gen" / "generated" / written[0])
-    assert image.shape[:2] == (RESOLUTION, RESOLUTION)
-
-
-def test_the_evaluate_tool_writes_both_scores(drawing_runs):
-    root, runs = drawing_runs
-    run = runs["evaluate"]
-    assert run.finish() == 0, run.stderr[-3000:]
-    report = json.loads((root / "eval" / "eval.json").read_text())
-    assert len(report["per_prompt"]) == 3  # the tool's evaluation prompts
+    for entry in per_prompt:
+        image = plt.imread(tmp_path / "eval" / "eval" / f"{ti.slugify(entry['prompt'])}.png")
+        assert image.shape[:2] == (RESOLUTION, 2 * RESOLUTION)
+    # The scores are the means over the prompts of each prompt's own scores, and each
+    # prompt's text score is its own: the prompts' texts, without the token, differ.
     for key in ("image_similarity", "text_similarity"):
-        assert math.isfinite(report[key]) and -1.0 <= report[key] <= 1.0
-        assert all(-1.0 <= p[key] <= 1.0 for p in report["per_prompt"])
+        assert report[key] == pytest.approx(np.mean([p[key] for p in per_prompt]), rel=1e-12)
+    assert len({p["text_similarity"] for p in per_prompt}) == 3
+    assert all("<my-eval-token>" not in p["text_prompt"] for p in per_prompt)
     assert report["num_images"] == 2 and report["sample_steps"] == 2
     assert "random weights" in report["clip_model"]
     assert report["nearest_words"][0]["token"] == "<my-eval-token>"
-    assert "<my-eval-token>" not in report["per_prompt"][0]["text_prompt"]

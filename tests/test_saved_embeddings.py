@@ -9,9 +9,11 @@ import safetensors
 import tensorflow as tf
 
 import textual_inversion as ti
+from textual_inversion_extras import saving
 from conftest import import_tool
 
 generate = import_tool("generate")
+drawing = import_tool("drawing")
 
 PLACEHOLDER = "<my-funny-cat-token>"
 
@@ -28,11 +30,11 @@ def set_token_row(text_encoder, token_id, vector):
 
 def test_saved_file_loads_back_equal_with_its_metadata(tmp_path):
     vectors = np.random.default_rng(0).normal(size=(1, 768)).astype("float32")
-    path = str(tmp_path / ti.EMBEDDING_FILE)
-    ti.save_embedding(path, PLACEHOLDER, vectors, {"step": 12, "initializer_token": "cat"})
+    path = str(tmp_path / saving.EMBEDDING_FILE)
+    saving.save_embedding(path, PLACEHOLDER, vectors, {"step": 12, "initializer_token": "cat"})
     assert not os.path.exists(path + ".partial")
 
-    loaded = ti.load_embedding(path)
+    loaded = saving.load_embedding(path)
     assert loaded.token == PLACEHOLDER
     np.testing.assert_array_equal(loaded.vectors, vectors)
     assert loaded.metadata["step"] == "12"
@@ -48,7 +50,7 @@ def test_saved_file_loads_back_equal_with_its_metadata(tmp_path):
 def test_a_diffusers_style_1d_vector_loads_as_one_row(tmp_path):
     path = str(tmp_path / "old.safetensors")
     safetensors.numpy.save_file({"<old>": np.ones(768, dtype="float32")}, path)
-    assert ti.load_embedding(path).vectors.shape == (1, 768)
+    assert saving.load_embedding(path).vectors.shape == (1, 768)
 
 
 @pytest.mark.parametrize(
@@ -62,26 +64,26 @@ def test_loading_a_wrong_embedding_says_why(tmp_path, tensors, message):
     path = str(tmp_path / "bad.safetensors")
     safetensors.numpy.save_file(tensors, path)
     with pytest.raises(ti.UserError, match=message):
-        ti.load_embedding(path)
+        saving.load_embedding(path)
 
 
 def test_loading_a_file_that_is_not_an_embedding_says_why(tmp_path):
     path = tmp_path / "notes.safetensors"
     path.write_text("this is not a safetensors file")
     with pytest.raises(ti.UserError, match="not a valid safetensors embedding"):
-        ti.load_embedding(str(path))
+        saving.load_embedding(str(path))
     with pytest.raises(ti.UserError, match="does not exist"):
-        ti.load_embedding(str(tmp_path / "missing.safetensors"))
+        saving.load_embedding(str(tmp_path / "missing.safetensors"))
 
 
 def test_a_token_already_in_the_vocabulary_is_refused():
     tokenizer = ti.build_tokenizer()
-    cat = ti.LearnedEmbedding("cat", np.zeros((1, 768), "float32"), {})
+    cat = saving.LearnedEmbedding("cat", np.zeros((1, 768), "float32"), {})
     with pytest.raises(ti.UserError, match="already in the vocabulary"):
-        ti.add_embeddings(tokenizer, [cat], ["cat.safetensors"])
-    twice = ti.LearnedEmbedding("<x>", np.zeros((1, 768), "float32"), {})
+        drawing.add_embeddings(tokenizer, [cat], ["cat.safetensors"])
+    twice = saving.LearnedEmbedding("<x>", np.zeros((1, 768), "float32"), {})
     with pytest.raises(ti.UserError, match="already in the vocabulary"):
-        ti.add_embeddings(tokenizer, [twice, twice], ["a.safetensors", "b.safetensors"])
+        drawing.add_embeddings(tokenizer, [twice, twice], ["a.safetensors", "b.safetensors"])
 
 
 def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_path):
@@ -91,17 +93,15 @@ def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_
     original_matrix_row = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
     set_token_row(stable_diffusion.text_encoder, placeholder_token_id, learned[0])
     try:
-        path = str(tmp_path / ti.EMBEDDING_FILE)
-        ti.save_embedding(path, PLACEHOLDER, learned, {"step": 1})
+        path = str(tmp_path / saving.EMBEDDING_FILE)
+        saving.save_embedding(path, PLACEHOLDER, learned, {"step": 1})
 
         # A fresh tokenizer and text encoder, extended from the file alone.
         fresh_tokenizer = ti.build_tokenizer()
-        new_rows = ti.add_embeddings(fresh_tokenizer, [ti.load_embedding(path)], [path])
+        new_rows = drawing.add_embeddings(fresh_tokenizer, [saving.load_embedding(path)], [path])
         fresh_encoder = ti.extend_text_encoder(concept["original_text_encoder"], new_rows)
         assert fresh_tokenizer.encoder[PLACEHOLDER] == placeholder_token_id
-        np.testing.assert_array_equal(
-            ti.token_rows(fresh_encoder, [placeholder_token_id]), learned
-        )
+        np.testing.assert_array_equal(ti.token_rows(fresh_encoder, [placeholder_token_id]), learned)
 
         prompt = f"an oil painting of {PLACEHOLDER}"
         positions = ti.get_position_ids()
@@ -121,8 +121,8 @@ def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_
 
 
 def test_generate_refuses_a_prompt_without_the_token(tmp_path):
-    path = str(tmp_path / ti.EMBEDDING_FILE)
-    ti.save_embedding(path, "<my-test-token>", np.zeros((1, 768), "float32"), {})
+    path = str(tmp_path / saving.EMBEDDING_FILE)
+    saving.save_embedding(path, "<my-test-token>", np.zeros((1, 768), "float32"), {})
     with pytest.raises(ti.UserError, match="uses none of the loaded tokens"):
         generate.generate(
             generate.parse_args(["--embedding", path, "--prompt", "a dog", "--random-weights"])

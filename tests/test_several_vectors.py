@@ -5,9 +5,11 @@ import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
+from textual_inversion_extras import saving
 from conftest import import_tool, two_vector_encoder
 
 evaluate = import_tool("evaluate")
+drawing = import_tool("drawing")
 
 TOKEN = "<my-funny-cat-token>"
 
@@ -41,13 +43,13 @@ def test_one_vector_is_the_tutorial():
 def test_loading_a_two_vector_embedding_expands_prompts_and_rows():
     tokenizer = ti.build_tokenizer()
     vectors = np.arange(2 * 768, dtype="float32").reshape(2, 768)
-    embedding = ti.LearnedEmbedding("<two>", vectors, {})
-    rows = ti.add_embeddings(tokenizer, [embedding], ["two.safetensors"])
+    embedding = saving.LearnedEmbedding("<two>", vectors, {})
+    rows = drawing.add_embeddings(tokenizer, [embedding], ["two.safetensors"])
     ids = [tokenizer.encoder["<two>"], tokenizer.encoder["<two-1>"]]
     # Rows come in token id order; row k is the vector of the token with the k-th id.
     for name_index, token_id in enumerate(ids):
         np.testing.assert_array_equal(rows[sorted(ids).index(token_id)], vectors[name_index])
-    (prompt,) = ti.prompts_with_tokens(["an oil painting of {}"], tokenizer, [embedding])
+    (prompt,) = drawing.prompts_with_tokens(["an oil painting of {}"], tokenizer, [embedding])
     assert prompt == "an oil painting of <two> <two-1>"
     assert evaluate.without_token(prompt, "<two>", 2) == "an oil painting of"
 
@@ -74,14 +76,14 @@ def test_training_two_vectors_changes_both_rows_and_nothing_else(concept, tmp_pa
         assert np.array_equal(before[others], after[others])
 
         # Saved as [2, 768] in name order, and loaded back into a fresh pipeline.
-        path = str(tmp_path / ti.EMBEDDING_FILE)
-        ti.save_embedding(path, TOKEN, learned, {"step": 2})
-        loaded = ti.load_embedding(path)
+        path = str(tmp_path / saving.EMBEDDING_FILE)
+        saving.save_embedding(path, TOKEN, learned, {"step": 2})
+        loaded = saving.load_embedding(path)
         assert loaded.vectors.shape == (2, 768)
         fresh_tokenizer = ti.build_tokenizer()
-        fresh_rows = ti.add_embeddings(fresh_tokenizer, [loaded], [path])
+        fresh_rows = drawing.add_embeddings(fresh_tokenizer, [loaded], [path])
         fresh_encoder = ti.extend_text_encoder(original, fresh_rows)
-        prompt = ti.prompts_with_tokens(["a photo of {}"], fresh_tokenizer, [loaded])[0]
+        prompt = drawing.prompts_with_tokens(["a photo of {}"], fresh_tokenizer, [loaded])[0]
         positions = ti.get_position_ids()
         fresh_ids = tf.constant(ti.encode_prompt(fresh_tokenizer, prompt)[None])
         np.testing.assert_array_equal(fresh_ids.numpy(), token_ids)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
+from textual_inversion_extras import run_control
 from conftest import write_test_images
 
 TOKEN = "<my-funny-cat-token>"
@@ -217,5 +218,5 @@ def test_fit_sees_the_runs_batches_in_order_epoch_after_epoch(tokenizer, first_s
     model = ChecksumModel()
     model.compile()
     recorder = RecordChecksums()
-    ti.train_from_step(model, steps_from, epoch_steps, 3, first_step, [recorder])
+    run_control.train_from_step(model, steps_from, epoch_steps, 3, first_step, [recorder])
     np.testing.assert_allclose(recorder.checksums, expected, rtol=1e-6)

@@ -4,13 +4,16 @@ interruptions and a diverging loss keep what was learned."""
 import csv
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
 import textual_inversion as ti
+from textual_inversion_extras import hardware, saving, watching
 from conftest import RESOLUTION, run_script, write_test_images
+from stand_ins import stand_in_models
 
 PLACEHOLDER = "<my-funny-cat-token>"
 
@@ -36,30 +39,30 @@ def expect_user_error(match, tmp_path, images, *extra):
 # --- Images ----------------------------------------------------------------------------
 
 
-def test_missing_image(tmp_path):
+def test_a_missing_image_is_refused(tmp_path):
     expect_user_error("does not exist", tmp_path, [str(tmp_path / "nope.jpg")])
 
 
-def test_folder_without_images(tmp_path):
+def test_a_folder_without_images_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hello")
     expect_user_error("has no images", tmp_path, [str(tmp_path / "empty")])
 
 
-def test_file_that_is_not_an_image(tmp_path):
+def test_a_file_that_is_not_an_image_is_refused(tmp_path):
     fake = tmp_path / "fake.jpg"
     fake.write_text("not a picture")
     expect_user_error("Could not read the image", tmp_path, [str(fake)])
 
 
-def test_truncated_image(tmp_path, images):
+def test_a_truncated_image_is_refused(tmp_path, images):
     data = open(images[0], "rb").read()
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(data[: len(data) // 2])
     expect_user_error("Could not read the image", tmp_path, [str(truncated)])
 
 
-def test_unreachable_url(tmp_path):
+def test_an_unreachable_image_url_is_refused_and_points_to_images(tmp_path):
     # Port 9 (discard) on this machine: nothing listens, the connection is refused.
     message = expect_user_error(
         "Could not download the image", tmp_path, ["http://127.0.0.1:9/cat.jpg"]
@@ -79,11 +82,13 @@ def test_unreachable_url(tmp_path):
         ("<My-Cat>", "lowercase"),
     ],
 )
-def test_bad_placeholder_token(tmp_path, images, token, match):
+def test_a_placeholder_that_is_a_word_or_not_one_lowercase_word_is_refused(
+    tmp_path, images, token, match
+):
     expect_user_error(match, tmp_path, images, "--placeholder-token", token)
 
 
-def test_initializer_of_several_tokens_names_them(tmp_path, images):
+def test_an_initializer_word_of_several_tokens_is_refused_with_its_pieces(tmp_path, images):
     message = expect_user_error("not one", tmp_path, images, "--initializer-token", "catdogfish")
     tokenizer = ti.build_tokenizer()
     pieces = [tokenizer.decode([i]).strip() for i in tokenizer.encode("catdogfish")[1:-1]]
@@ -91,11 +96,11 @@ def test_initializer_of_several_tokens_names_them(tmp_path, images):
     assert ", ".join(pieces) in message
 
 
-def test_prompt_template_without_braces(tmp_path, images):
+def test_a_prompt_template_without_braces_is_refused(tmp_path, images):
     expect_user_error("has no {}", tmp_path, images, "--prompts", "a photo of my cat")
 
 
-def test_prompt_longer_than_77_tokens(tmp_path, images):
+def test_a_prompt_longer_than_77_tokens_is_refused(tmp_path, images):
     long_template = "a photo of {} " + "with a very long description " * 15
     expect_user_error("more than the 77", tmp_path, images, "--prompts", long_template)
 
@@ -115,11 +120,11 @@ def test_prompt_longer_than_77_tokens(tmp_path, images):
         ("--save-every-steps", "-1", "0 \\(never\\) or more"),
     ],
 )
-def test_values_the_model_cannot_take(tmp_path, images, flag, value, match):
+def test_values_the_model_cannot_take_are_refused(tmp_path, images, flag, value, match):
     expect_user_error(match, tmp_path, images, flag, value)
 
 
-def test_a_batch_larger_than_an_epoch(tmp_path, images):
+def test_a_batch_larger_than_an_epoch_is_refused_with_the_largest_that_fits(tmp_path, images):
     # One image with one prompt: an epoch is that prompt 5 times.
     message = expect_user_error(
         "more than the 5 examples", tmp_path, images, "--prompts", "a photo of {}",
@@ -134,13 +139,13 @@ def test_resuming_a_state_with_another_batch_size_is_refused(tmp_path, images):
     tokenizer = ti.build_tokenizer()
     ti.add_placeholder_token(tokenizer, PLACEHOLDER, "cat")
     sets = ti.training_sets(args, tokenizer, PLACEHOLDER)
-    precision = ti.resolve_precision(args.precision)
-    fingerprint = ti.run_fingerprint(args, sets, precision, PLACEHOLDER, 1)
+    precision = hardware.resolve_precision(args.precision)
+    fingerprint = saving.run_fingerprint(args, sets, precision, PLACEHOLDER, 1)
     os.makedirs(args.output_dir)
-    embedding = os.path.join(args.output_dir, ti.EMBEDDING_FILE)
-    ti.save_embedding(embedding, PLACEHOLDER, np.zeros((1, 768), "float32"), {"step": 3})
+    embedding = os.path.join(args.output_dir, saving.EMBEDDING_FILE)
+    saving.save_embedding(embedding, PLACEHOLDER, np.zeros((1, 768), "float32"), {"step": 3})
     state = {"step": np.array(3), "learned_embedding": np.zeros((1, 768), "float32")}
-    state_path = os.path.join(args.output_dir, ti.TRAINING_STATE_FILE)
+    state_path = os.path.join(args.output_dir, saving.TRAINING_STATE_FILE)
     safetensors.numpy.save_file(state, state_path, metadata={"run": json.dumps(fingerprint)})
 
     message = expect_user_error(
@@ -150,14 +155,14 @@ def test_resuming_a_state_with_another_batch_size_is_refused(tmp_path, images):
     assert f"delete {state_path}" in message
 
 
-def test_output_dir_that_cannot_be_written(tmp_path, images):
+def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path, images):
     a_file = tmp_path / "file.txt"
     a_file.write_text("")
     with pytest.raises(ti.UserError, match="Cannot write to the output folder"):
         ti.main(["--images", *images, "--output-dir", str(a_file / "run")])
 
 
-def test_existing_run_is_never_overwritten(tmp_path, images):
+def test_an_existing_run_is_never_overwritten(tmp_path, images):
     out = tmp_path / "out"
     out.mkdir()
     (out / "loss.csv").write_text("step,epoch,loss,seconds\n1,1,0.1,1.0\n")
@@ -179,7 +184,7 @@ def test_the_command_line_prints_one_sentence_and_no_traceback(tmp_path):
 # --- During training -------------------------------------------------------------------
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(concept, tmp_path):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_embedding(concept, tmp_path):
     stable_diffusion = concept["stable_diffusion"]
     placeholder_token_id = concept["placeholder_token_id"]
     row_before = ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id])
@@ -202,17 +207,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(concept, tmp_pa
         ]
     )
     with pytest.raises(ti.UserError, match="non-finite at step 1") as raised:
-        ti.run_training(stable_diffusion, sets, [placeholder_token_id], args, PLACEHOLDER)
+        ti.CommandLineRun(args).train(stable_diffusion, sets, [placeholder_token_id])
     assert "--resume" in str(raised.value)
 
     # The failed step is logged under its own number, so a resume cuts it away.
     with open(tmp_path / "loss.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["step"] == "1" and row["loss"] == "nan"
-    saved = ti.load_embedding(str(tmp_path / ti.EMBEDDING_FILE))
+    saved = saving.load_embedding(str(tmp_path / saving.EMBEDDING_FILE))
     assert np.isfinite(saved.vectors).all()
     np.testing.assert_array_equal(saved.vectors, row_before)
     assert saved.metadata["step"] == "0"
     np.testing.assert_array_equal(
         ti.token_rows(stable_diffusion.text_encoder, [placeholder_token_id]), row_before
     )
+
+
+def test_ctrl_c_stops_after_the_step_saves_it_and_exits_130_with_the_resume_command(
+    tmp_path, image_folder, monkeypatch, capsys
+):
+    """In-process, on the stand-in models: SIGINT comes right after step 2 is logged."""
+    log_step = watching.LossLogger.on_train_batch_end
+
+    def log_step_then_ctrl_c(self, batch, logs=None):
+        log_step(self, batch, logs)
+        if int(self.model.step.numpy()) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(watching.LossLogger, "on_train_batch_end", log_step_then_ctrl_c)
+    output_dir = tmp_path / "run"
+    argv = [
+        "--random-weights", "--resolution", str(RESOLUTION), "--images", image_folder,
+        "--prompts", "a photo of {}", "--max-train-steps", "4", "--sample-every", "0",
+        "--output-dir", str(output_dir),
+    ]  # fmt: skip
+    with stand_in_models(), pytest.raises(SystemExit) as exited:
+        ti.run_command(lambda: ti.main(argv))
+
+    assert exited.value.code == 130
+    embedding_path = str(output_dir / saving.EMBEDDING_FILE)
+    error = capsys.readouterr().err
+    (message,) = [line for line in error.splitlines() if line.startswith("error:")]
+    assert "Stopped by SIGINT at step 2" in message and f"--resume {embedding_path}" in message
+    assert saving.load_embedding(embedding_path).metadata["step"] == "2"
+    state = saving.load_training_state(str(output_dir / saving.TRAINING_STATE_FILE), {})
+    assert int(state["step"]) == 2
+    with open(output_dir / "loss.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["1", "2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+
+
+def test_a_failed_download_is_told_from_other_errors_by_its_type(tmp_path):
+    import keras
+
+    from textual_inversion_extras.errors import is_download_error
+
+    with pytest.raises(Exception) as failed:  # nothing listens on port 9
+        keras.utils.get_file(origin="http://127.0.0.1:9/vocabulary.txt.gz", cache_dir=str(tmp_path))
+    assert is_download_error(failed.value)
+    assert not is_download_error(ValueError("a message that names a URL and a fetch failure"))

@@ -7,6 +7,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 import textual_inversion as ti
+from textual_inversion_extras import watching
 
 PROMPTS = [p.format("<my-funny-cat-token>") for p in ti.SAMPLE_PROMPTS]
 TILE = 32
@@ -21,11 +22,11 @@ def write_samples(samples_dir, epoch, prompts, value):
 
 
 def test_montage_has_a_row_per_prompt_and_a_column_per_epoch_and_is_rebuilt(tmp_path):
-    label = ti.MONTAGE_LABEL_HEIGHT
+    label = watching.MONTAGE_LABEL_HEIGHT
     write_samples(tmp_path, 0, PROMPTS[:1], 0.2)  # before training: the first prompt only
     write_samples(tmp_path, 1, PROMPTS, 0.4)
     write_samples(tmp_path, 11, PROMPTS, 0.6)
-    path = ti.build_progress_montage(str(tmp_path), PROMPTS)
+    path = watching.build_progress_montage(str(tmp_path), PROMPTS)
     montage = plt.imread(path)
     assert montage.shape[:2] == (label + 3 * (label + TILE), 3 * TILE)
 
@@ -38,7 +39,7 @@ def test_montage_has_a_row_per_prompt_and_a_column_per_epoch_and_is_rebuilt(tmp_
 
     # A resumed run adds epoch 21: the montage is drawn anew from all the files.
     write_samples(tmp_path, 21, PROMPTS, 0.1)
-    montage = plt.imread(ti.build_progress_montage(str(tmp_path), PROMPTS))
+    montage = plt.imread(watching.build_progress_montage(str(tmp_path), PROMPTS))
     assert montage.shape[:2] == (label + 3 * (label + TILE), 4 * TILE)
 
 
@@ -52,7 +53,9 @@ def test_before_training_the_nearest_word_is_the_initializer(concept, tmp_path):
     layer.set_weights([matrix])
     try:
         path = tmp_path / "learned_words.json"
-        report = ti.report_nearest_words(stable_diffusion, [placeholder_token_id], str(path))
+        report = watching.report_nearest_words(
+            concept["tokenizer"], matrix, [placeholder_token_id], str(path)
+        )
     finally:
         matrix[placeholder_token_id] = saved_row
         layer.set_weights([matrix])
@@ -82,7 +85,7 @@ class FakeTrainer:
 
 def bar_output(capsys, steps_per_epoch, total_steps, first_step, steps_taken):
     trainer = FakeTrainer(first_step)
-    bar = ti.StepProgressBar(steps_per_epoch, total_steps)
+    bar = watching.StepProgressBar(steps_per_epoch, total_steps)
     bar.set_model(trainer)
     bar.on_train_begin()
     bar.on_epoch_begin(first_step // steps_per_epoch)

@@ -35,7 +35,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import drawing  # noqa: E402  (tools/drawing.py, beside this script)
 import textual_inversion as ti  # noqa: E402
+from textual_inversion_extras import checkpoints, saving, watching  # noqa: E402
 
 EVALUATION_PROMPTS = [
     "a photo of a {}",  # the concept alone
@@ -161,15 +163,15 @@ def without_token(prompt, token, num_vectors=1):
 
 def evaluate(args):
     tokenizer = ti.build_tokenizer()
-    embedding = ti.load_embedding(args.embedding)
-    new_rows = ti.add_embeddings(tokenizer, [embedding], [args.embedding])
-    prompts = ti.prompts_with_tokens(args.prompt, tokenizer, [embedding])
+    embedding = saving.load_embedding(args.embedding)
+    new_rows = drawing.add_embeddings(tokenizer, [embedding], [args.embedding])
+    prompts = drawing.prompts_with_tokens(args.prompt, tokenizer, [embedding])
     # CLIP's preprocessing: a square center crop at 224 px, pixel values 0..255.
     training_files = ti.resolve_image_files(args.images)
     training_images = (ti.load_images(training_files, CLIP_IMAGE_SIZE) + 1) * 127.5
     os.makedirs(args.output_dir, exist_ok=True)
 
-    stable_diffusion = ti.build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
+    stable_diffusion = drawing.build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
     generated = {}
     for prompt in prompts:
         images = stable_diffusion.text_to_image(
@@ -202,12 +204,14 @@ def evaluate(args):
         "text_similarity": float(np.mean([p["text_similarity"] for p in per_prompt])),
         "per_prompt": per_prompt,
         "clip_model": CLIP_PRESET + random_note,
-        "stable_diffusion": ti.base_model_name(args.base_model) + random_note,
+        "stable_diffusion": checkpoints.base_model_name(args.base_model) + random_note,
         "num_images": args.num_images,
         "sample_steps": args.sample_steps,
         "seed": args.seed,
         "resolution": args.resolution,
-        "nearest_words": ti.report_nearest_words(stable_diffusion, placeholder_token_ids),
+        "nearest_words": watching.report_nearest_words(
+            tokenizer, ti.token_matrix(stable_diffusion.text_encoder), placeholder_token_ids
+        ),
     }
     print(f"{'prompt':<50} {'image sim':>9} {'text sim':>9}")
     for p in per_prompt:

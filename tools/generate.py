@@ -20,7 +20,9 @@ import sys
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import drawing  # noqa: E402  (tools/drawing.py, beside this script)
 import textual_inversion as ti  # noqa: E402
+from textual_inversion_extras import saving  # noqa: E402
 
 
 def build_parser():
@@ -51,10 +53,10 @@ def parse_args(argv=None):
 
 def generate(args):
     tokenizer = ti.build_tokenizer()
-    embeddings = [ti.load_embedding(path) for path in args.embedding]
-    new_rows = ti.add_embeddings(tokenizer, embeddings, args.embedding)
-    prompts = ti.prompts_with_tokens(args.prompt, tokenizer, embeddings)
-    stable_diffusion = ti.build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
+    embeddings = [saving.load_embedding(path) for path in args.embedding]
+    new_rows = drawing.add_embeddings(tokenizer, embeddings, args.embedding)
+    prompts = drawing.prompts_with_tokens(args.prompt, tokenizer, embeddings)
+    stable_diffusion = drawing.build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
 
     output_dir = os.path.join(args.output_dir, "generated")
     os.makedirs(output_dir, exist_ok=True)

@@ -1,0 +1,326 @@
+"""
+Title: Benchmark: our training step against diffusers' textual-inversion step
+Description: The same random SD 1.x weights, the same image and prompt, batch 1, each
+side in a process of its own, the way its users run it; ms/step and peak memory.
+
+diffusers' `examples/textual_inversion/textual_inversion.py` is the script a user would
+otherwise pick. Its step is rebuilt here from that script, on the same models: the UNet
+and the VAE in the weight dtype, the text encoder in float32 with its token embedding
+trainable, AdamW on the embedding matrix, the rows of the other tokens restored after
+each update. diffusers' tokenizer needs files from the Hub, so both sides take the
+prompt's token ids from KerasCV's tokenizer (the same CLIP vocabulary).
+
+Ours is `python textual_inversion.py --base-model FOLDER ...`, run through its `main()`
+with the final images left out (the benchmark measures training).
+
+What it prints, per resolution:
+
+- **ms/step**: the median wall time of `--steps` steps after `--warmup` steps (the
+  first of ours also traces the train step);
+- **peak memory**: the process's peak resident set size, as the OS counts it
+  (`ru_maxrss`), building and loading the models included;
+- the ratios, ours over diffusers, and a one-line summary at the end.
+
+Each side runs in its default precision on this hardware: ours with `--precision auto`;
+diffusers with `--mixed_precision` none (float32), or bf16 where ours chose bfloat16,
+so that both compute in the same dtype. Run it from the repository root:
+
+    python benchmarks/versus_diffusers.py                      # 128 and 512 px
+    python benchmarks/versus_diffusers.py --resolutions 128 --steps 3
+    python benchmarks/versus_diffusers.py --gradient-checkpointing   # both sides
+
+The random weights are written once into `--weights` (a diffusers folder: `unet/`,
+`vae/`, `text_encoder/`), which ours reads with `--base-model`. It needs the test
+requirements (torch, diffusers, transformers) and the CLIP vocabulary in the Keras cache.
+"""
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "a photo of {}"
+PLACEHOLDER = "<my-funny-cat-token>"
+SEED = 1337
+
+# The SD 1.x architecture, in diffusers' and transformers' configuration.
+UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+)  # fmt: skip
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], sample_size=512, scaling_factor=0.18215,
+)  # fmt: skip
+CLIP_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)  # fmt: skip
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Times our training step against diffusers' textual-inversion step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--resolutions", type=int, nargs="+", default=[128, 512], help="Image sizes to time."
+    )
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per side.")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first.")
+    parser.add_argument(
+        "--weights",
+        default=os.path.join(tempfile.gettempdir(), "sd1x-random-diffusers"),
+        help="Folder of the random SD 1.x weights; written if it does not exist.",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Both sides checkpoint the UNet (ours: --gradient-checkpointing; diffusers: "
+        "enable_gradient_checkpointing).",
+    )
+    parser.add_argument(
+        "--worker",
+        choices=["ours", "diffusers"],
+        help="Internal: run one side in this process and print its figures as JSON.",
+    )
+    parser.add_argument("--resolution", type=int, default=128, help="Internal: the worker's.")
+    parser.add_argument("--precision", default="float32", help="Internal: the worker's.")
+    return parser.parse_args(argv)
+
+
+"""
+## The shared weights and batch
+"""
+
+
+def write_random_weights(folder):
+    """Random SD 1.x weights as a diffusers folder, from diffusers' own initializers."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    print(f"Writing random SD 1.x weights into {folder} ...", flush=True)
+    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(os.path.join(folder, "unet"))
+    AutoencoderKL(**VAE_CONFIG).save_pretrained(os.path.join(folder, "vae"))
+    CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG)).save_pretrained(
+        os.path.join(folder, "text_encoder")
+    )
+
+
+def write_image(folder, resolution):
+    """One smooth test image, the batch of both sides."""
+    import matplotlib.pyplot as plt
+
+    y, x = np.mgrid[0:resolution, 0:resolution] / resolution
+    image = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], axis=-1)
+    path = os.path.join(folder, "concept.png")
+    plt.imsave(path, image)
+    return path
+
+
+def token_ids():
+    """The prompt's ids, the placeholder a new token after the vocabulary, and cat's id."""
+    sys.path.insert(0, ROOT)
+    import textual_inversion as ti
+
+    tokenizer = ti.build_tokenizer()
+    placeholder_id, cat_id = ti.add_placeholder_token(tokenizer, PLACEHOLDER, "cat")
+    return ti.encode_prompt(tokenizer, PROMPT.format(PLACEHOLDER)), placeholder_id, cat_id
+
+
+def peak_memory_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+"""
+## Our side: the script as its users run it
+"""
+
+
+def run_ours(args, image_folder):
+    sys.path.insert(0, ROOT)
+    import textual_inversion as ti
+
+    ti.generate_final_images = lambda *arguments, **options: None  # training only
+    output_dir = tempfile.mkdtemp(prefix="ours-")
+    argv = [
+        "--base-model", args.weights, "--images", image_folder, "--prompts", PROMPT,
+        "--resolution", str(args.resolution), "--max-train-steps", str(args.warmup + args.steps),
+        "--sample-every", "0", "--seed", str(SEED), "--output-dir", output_dir,
+    ]  # fmt: skip
+    if args.gradient_checkpointing:
+        argv.append("--gradient-checkpointing")
+    ti.run_command(lambda: ti.main(argv))
+    with open(os.path.join(output_dir, "loss.csv")) as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    precision = ti.hardware.resolve_precision("auto")
+    return seconds[args.warmup :], precision
+
+
+"""
+## diffusers' side: the step of examples/textual_inversion
+"""
+
+
+def run_diffusers(args, image_path):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(SEED)
+    weight_dtype = torch.bfloat16 if args.precision == "mixed_bfloat16" else torch.float32
+    ids, placeholder_id, cat_id = token_ids()
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.weights, "text_encoder"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.weights, "vae"))
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(args.weights, "unet"))
+    text_encoder.resize_token_embeddings(placeholder_id + 1)
+    embeddings = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[placeholder_id] = embeddings[cat_id]
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_encoder.text_model.encoder.requires_grad_(False)
+    text_encoder.text_model.final_layer_norm.requires_grad_(False)
+    text_encoder.text_model.embeddings.position_embedding.requires_grad_(False)
+    if args.gradient_checkpointing:
+        unet.train()
+        text_encoder.gradient_checkpointing_enable()
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(
+        text_encoder.get_input_embeddings().parameters(), lr=1e-4, weight_decay=1e-2, eps=1e-8
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    vae.to(dtype=weight_dtype)
+    unet.to(dtype=weight_dtype)
+    text_encoder.train()
+    original_embeddings = embeddings.data.clone()
+    keep = torch.ones(len(original_embeddings), dtype=torch.bool)
+    keep[placeholder_id] = False
+
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(image_path)[..., :3] * 2.0 - 1.0
+    pixel_values = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+    input_ids = torch.from_numpy(ids[None].astype("int64"))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=weight_dtype != torch.float32)
+
+    seconds = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with autocast:
+            latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample().detach()
+            latents = latents * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (1,)).long()
+            noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+            hidden = text_encoder(input_ids)[0].to(dtype=weight_dtype)
+            prediction = unet(noisy_latents, timesteps, hidden).sample
+            loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            embeddings.data[keep] = original_embeddings[keep]
+        seconds.append(time.perf_counter() - start)
+    return seconds[args.warmup :], args.precision
+
+
+"""
+## Side by side
+"""
+
+
+def worker(args):
+    folder = tempfile.mkdtemp(prefix="image-")
+    image_path = write_image(folder, args.resolution)
+    if args.worker == "ours":
+        seconds, precision = run_ours(args, folder)
+    else:
+        seconds, precision = run_diffusers(args, image_path)
+    figures = {
+        "ms_per_step": 1000 * statistics.median(seconds),
+        "peak_gb": peak_memory_gb(),
+        "precision": precision,
+    }
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
+def run_side(args, side, resolution, precision):
+    command = [
+        sys.executable, os.path.abspath(__file__), "--worker", side, "--resolution",
+        str(resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--weights", args.weights, "--precision", precision,
+    ]  # fmt: skip
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    print(f"{side}, {resolution} px ...", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode or not lines:
+        sys.exit(f"The {side} worker failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def cpu_name():
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    flags = open("/proc/cpuinfo").read()
+    extra = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{os.cpu_count()} x {names[0] if names else 'CPU'} ({', '.join(extra) or 'no bf16'})"
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    if not os.path.isdir(os.path.join(args.weights, "unet")):
+        write_random_weights(args.weights)
+    sys.path.insert(0, ROOT)
+    import textual_inversion as ti
+
+    precision = ti.hardware.resolve_precision("auto")
+    rows = []
+    for resolution in args.resolutions:
+        ours = run_side(args, "ours", resolution, precision)
+        theirs = run_side(args, "diffusers", resolution, precision)
+        rows.append((resolution, ours, theirs))
+
+    checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
+    print(f"\n{cpu_name()}, batch 1, {precision}{checkpointing}, median of {args.steps} steps")
+    print(
+        f"{'':>6} {'ours ms':>9} {'diffusers':>9} {'ratio':>6} {'ours GB':>8} {'diffusers':>9} {'ratio':>6}"
+    )
+    for resolution, ours, theirs in rows:
+        print(
+            f"{resolution:>4}px {ours['ms_per_step']:>9.0f} {theirs['ms_per_step']:>9.0f} "
+            f"{ours['ms_per_step'] / theirs['ms_per_step']:>5.2f}x {ours['peak_gb']:>8.1f} "
+            f"{theirs['peak_gb']:>9.1f} {ours['peak_gb'] / theirs['peak_gb']:>5.2f}x"
+        )
+    summary = "; ".join(
+        f"{resolution} px {ours['ms_per_step'] / theirs['ms_per_step']:.2f}x the time, "
+        f"{ours['peak_gb'] / theirs['peak_gb']:.2f}x the memory"
+        for resolution, ours, theirs in rows
+    )
+    print(f"Ours against diffusers ({precision}{checkpointing}): {summary}.")
+
+
+if __name__ == "__main__":
+    main()

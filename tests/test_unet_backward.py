@@ -1,0 +1,174 @@
+"""The UNet's backward, computed more cheaply: fast input gradients, attention in query
+chunks, gradient checkpointing. Each gives KerasCV's outputs and gradients."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import textual_inversion as ti
+from conftest import RESOLUTION
+from textual_inversion_extras import keras_internals, unet_backward
+from textual_inversion_extras.keras_internals import all_sublayers
+
+
+def gradients(function, *inputs):
+    inputs = [tf.constant(value) for value in inputs]
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        output = function(*inputs)
+        # A fixed, uneven weighting of the outputs, so that every gradient is tested.
+        weights = tf.reshape(tf.range(tf.size(output), dtype="float32") % 7 - 3, output.shape)
+        loss = tf.reduce_sum(output * weights)
+    return output, tape.gradient(loss, inputs)
+
+
+def assert_close(ours, reference):
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(ours, reference, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "size, kernel_size, stride, in_channels, out_channels",
+    [
+        (5, 3, 1, 4, 6),  # rows 9: the matmul and col2im path
+        (7, 3, 2, 3, 5),  # stride 2 on an odd size: the zero-interleaved taps
+        (4, 1, 1, 8, 2),  # a 1x1 convolution
+        (20, 3, 1, 2, 3),  # rows 324, over FAST_GRADIENT_ROWS: TensorFlow's own kernel
+    ],
+)
+def test_a_convolution_has_tensorflows_output_and_gradients(
+    size, kernel_size, stride, in_channels, out_channels
+):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, size, size, in_channels)).astype("float32")
+    kernel = rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)).astype(
+        "float32"
+    )
+    bias = rng.normal(size=(out_channels,)).astype("float32")
+
+    def reference(x, kernel, bias):
+        return tf.nn.bias_add(tf.nn.conv2d(x, kernel, stride, "VALID"), bias)
+
+    expected, expected_gradients = gradients(reference, x, kernel, bias)
+    output, ours = gradients(unet_backward.CONVOLUTIONS[stride], x, kernel, bias)
+    np.testing.assert_array_equal(output, expected)
+    for gradient, expected_gradient in zip(ours, expected_gradients):
+        assert_close(gradient, expected_gradient)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (2, 7, 16), (1, 200, 16)])
+def test_a_dense_layer_has_tensorflows_output_and_gradients(shape):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(16, 24)).astype("float32")
+    bias = rng.normal(size=(24,)).astype("float32")
+
+    def reference(x, kernel, bias):
+        return tf.tensordot(x, kernel, axes=1) + bias
+
+    expected, expected_gradients = gradients(reference, x, kernel, bias)
+    output, ours = gradients(unet_backward.dense_with_fast_input_gradient, x, kernel, bias)
+    np.testing.assert_allclose(output, expected, rtol=1e-6, atol=1e-6)
+    for gradient, expected_gradient in zip(ours, expected_gradients):
+        assert_close(gradient, expected_gradient)
+
+
+@contextlib.contextmanager
+def swapped_layers(model, use):
+    """Within it, `use(model)` has swapped the classes of model's layers; yields how many."""
+    original_classes = {id(layer): layer.__class__ for layer in all_sublayers(model)}
+    try:
+        yield use(model)
+    finally:
+        for layer in all_sublayers(model):
+            layer.__class__ = original_classes[id(layer)]
+
+
+def unet_prediction_and_context_gradient(unet):
+    rng = np.random.default_rng(2)
+    latents = tf.constant(rng.normal(size=(1, RESOLUTION // 8, RESOLUTION // 8, 4)), "float32")
+    timestep_embedding = ti.get_timestep_embedding(tf.constant([500]))
+    context = rng.normal(size=(1, ti.MAX_PROMPT_LENGTH, 768)).astype("float32")
+
+    def predict(context):
+        return unet([latents, timestep_embedding, context])
+
+    prediction, (gradient,) = gradients(predict, context)
+    return prediction, gradient
+
+
+@pytest.fixture(scope="module")
+def keras_cv_unet(loaded_stable_diffusion):
+    """KerasCV's UNet at 128 px, and its prediction and context gradient."""
+    unet = loaded_stable_diffusion.diffusion_model
+    return unet, unet_prediction_and_context_gradient(unet)
+
+
+# Every Conv2D and Dense layer of the UNet; its 16 transformer blocks' self- and
+# cross-attention; its 22 ResBlocks and 16 SpatialTransformers.
+SWAPS = {
+    "fast input gradients": (unet_backward.use_fast_input_gradients, lambda n: n > 250),
+    "attention in chunks": (unet_backward.use_attention_in_chunks, lambda n: n == 32),
+    "gradient checkpointing": (unet_backward.use_gradient_checkpointing, lambda n: n == 22 + 16),
+}
+
+
+@pytest.mark.parametrize("swap", SWAPS)
+def test_with_each_swap_the_unet_gives_keras_cvs_prediction_and_context_gradient(
+    swap, keras_cv_unet
+):
+    use, expected_count = SWAPS[swap]
+    unet, (expected, expected_gradient) = keras_cv_unet
+    with swapped_layers(unet, use) as swapped:
+        prediction, gradient = unet_prediction_and_context_gradient(unet)
+    assert expected_count(swapped), swapped
+    assert_close(prediction, expected)
+    assert_close(gradient, expected_gradient)
+
+
+# --- Attention in query chunks ------------------------------------------------------------
+
+
+def test_attention_in_chunks_of_a_64x64_image_gives_keras_cvs_output_and_gradients():
+    """One self-attention of the UNet's 64x64 level at 512 px (4096 tokens, 8 heads of
+    40), and one cross-attention to the text, in 4 chunks of 1024 queries."""
+    attention_class, _, _ = keras_internals.keras_cv_unet_classes()
+    rng = np.random.default_rng(3)
+    pixels = rng.normal(size=(1, 64 * 64, 320)).astype("float32")
+    text = rng.normal(size=(1, ti.MAX_PROMPT_LENGTH, 768)).astype("float32")
+    for context in (None, text):
+        layer = attention_class(num_heads=8, head_size=40)
+        inputs = (pixels,) if context is None else (pixels, context)
+
+        def attend(pixels, context=None):
+            return layer(pixels, context=context)
+
+        expected, expected_gradients = gradients(attend, *inputs)
+        layer.__class__ = unet_backward.ChunkedCrossAttention
+        try:
+            output, ours = gradients(attend, *inputs)
+        finally:
+            layer.__class__ = attention_class
+        assert_close(output, expected)
+        for gradient, expected_gradient in zip(ours, expected_gradients):
+            assert_close(gradient, expected_gradient)
+
+
+def test_attention_in_chunks_is_the_softmax_attention_for_chunks_that_split_the_queries_unevenly():
+    rng = np.random.default_rng(4)
+    query, key, value = (rng.normal(size=(2, 3, n, 4)).astype("float32") for n in (10, 7, 7))
+
+    def reference(query, key, value):
+        weights = tf.nn.softmax(tf.matmul(query, key, transpose_b=True) * 0.5)
+        return tf.matmul(weights, value)
+
+    def in_chunks_of_3(query, key, value):
+        return unet_backward.attention_in_query_chunks(query, key, value, 0.5, chunk=3)
+
+    expected, expected_gradients = gradients(reference, query, key, value)
+    output, ours = gradients(in_chunks_of_3, query, key, value)
+    assert_close(output, expected)
+    for gradient, expected_gradient in zip(ours, expected_gradients):
+        assert_close(gradient, expected_gradient)

@@ -1,0 +1,306 @@
+"""The UNet's backward: what textual inversion computes most, made cheaper.
+
+Textual inversion needs the gradient of the loss with respect to the text context only,
+back through the frozen UNet. Three things here change how that backward is computed,
+never what it computes (each is tested against KerasCV's own layers):
+
+- fast input gradients for the Conv2D and Dense layers that see few pixels (CPU);
+- attention in query chunks, which never holds a whole attention matrix;
+- gradient checkpointing of the UNet's blocks (`--gradient-checkpointing`).
+
+Each swaps the class of KerasCV's layers in place, keeping their weights, before the
+train step is traced.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from textual_inversion_extras.keras_internals import all_sublayers, keras_cv_unet_classes
+
+"""
+**The UNet's backward.** Textual inversion needs the gradient of the loss with respect
+to the text context only: back through every UNet layer that follows a cross-attention,
+input gradients all the way, and no weight gradients (TensorFlow prunes those). Yet on
+a CPU, in float32, most of the UNet's backward goes to `Conv2DBackpropInput` and to the
+transposed `MatMul`s of the Dense layers' input gradients (`benchmarks/train_step.py`
+breaks a step down). TensorFlow's CPU kernels
+for these are 3 to 10 times slower than the forward op when a layer sees few pixels or
+tokens: the UNet's 4x4 and 2x2 levels at 128 px (and its 8x8 level at 512 px). The
+same numbers come from a plain matmul with the kernel on the left and, for a
+convolution, a sum of the kernel taps' shifted slices ("col2im").
+
+`use_fast_input_gradients` gives the UNet's Conv2D and Dense layers that gradient where
+they see at most `FAST_GRADIENT_ROWS` rows (batch x pixels, or batch x tokens); the
+forward ops are TensorFlow's own. It applies on a CPU in float32 without XLA, the case
+measured; on a GPU cuDNN's kernels stay.
+"""
+
+FAST_GRADIENT_ROWS = 128
+
+
+def kernel_first_matmul(kernel_2d, upstream_2d):
+    """upstream_2d @ kernel_2d.T, computed as (kernel_2d @ upstream_2d.T).T."""
+    return tf.transpose(tf.matmul(kernel_2d, upstream_2d, transpose_b=True))
+
+
+def dilate(tensor, stride):
+    """Puts stride - 1 zeros after every pixel of [batch, height, width, channels]."""
+    if stride == 1:
+        return tensor
+    _, height, width, channels = tensor.shape
+    spread = tf.pad(
+        tensor[:, :, None, :, None],
+        [[0, 0], [0, 0], [0, stride - 1], [0, 0], [0, stride - 1], [0, 0]],
+    )
+    return tf.reshape(spread, [-1, height * stride, width * stride, channels])
+
+
+def conv_input_gradient(kernel, upstream, input_shape, stride):
+    """The gradient of a "valid" convolution with respect to its input (col2im)."""
+    kernel_height, kernel_width, in_channels, out_channels = kernel.shape
+    _, height, width, _ = input_shape
+    _, out_height, out_width, _ = upstream.shape
+    columns = kernel_first_matmul(
+        ops.reshape(kernel, (-1, out_channels)), ops.reshape(upstream, (-1, out_channels))
+    )
+    columns = ops.reshape(
+        columns, (-1, out_height, out_width, kernel_height * kernel_width, in_channels)
+    )
+    taps = []
+    for i in range(kernel_height):
+        for j in range(kernel_width):
+            tap = dilate(columns[:, :, :, i * kernel_width + j], stride)
+            below, right = height - i - tap.shape[1], width - j - tap.shape[2]
+            tap = tf.pad(tap, [[0, 0], [i, max(below, 0)], [j, max(right, 0)], [0, 0]])
+            taps.append(tap[:, :height, :width])
+    return tf.add_n(taps)
+
+
+def static_rows(shape):
+    return math.prod(shape[:-1]) if None not in shape[:-1] else None
+
+
+def convolution_with_fast_input_gradient(stride):
+    @tf.custom_gradient
+    def convolve(x, kernel, bias):
+        y = tf.nn.bias_add(tf.nn.conv2d(x, kernel, stride, "VALID"), bias)
+
+        def gradient(upstream):
+            strides = [1, stride, stride, 1]
+            rows = static_rows(upstream.shape)
+            if rows is not None and rows <= FAST_GRADIENT_ROWS:
+                x_gradient = conv_input_gradient(kernel, upstream, x.shape, stride)
+            else:
+                x_gradient = tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=tf.shape(x), filter=kernel, out_backprop=upstream,
+                    strides=strides, padding="VALID",
+                )  # fmt: skip
+            kernel_gradient = tf.raw_ops.Conv2DBackpropFilter(
+                input=x, filter_sizes=tf.shape(kernel), out_backprop=upstream,
+                strides=strides, padding="VALID",
+            )  # fmt: skip
+            return x_gradient, kernel_gradient, tf.reduce_sum(upstream, axis=[0, 1, 2])
+
+        return y, gradient
+
+    return convolve
+
+
+CONVOLUTIONS = {stride: convolution_with_fast_input_gradient(stride) for stride in (1, 2)}
+
+
+@tf.custom_gradient
+def dense_with_fast_input_gradient(x, kernel, bias):
+    in_features, out_features = kernel.shape
+    x_2d = tf.reshape(x, (-1, in_features))
+    y_2d = tf.nn.bias_add(tf.matmul(x_2d, kernel), bias)
+    y = tf.reshape(y_2d, tf.concat([tf.shape(x)[:-1], [out_features]], axis=0))
+
+    def gradient(upstream):
+        upstream_2d = tf.reshape(upstream, (-1, out_features))
+        rows = static_rows(x.shape)
+        if rows is not None and rows <= FAST_GRADIENT_ROWS:
+            x_gradient = kernel_first_matmul(kernel, upstream_2d)
+        else:
+            x_gradient = tf.matmul(upstream_2d, kernel, transpose_b=True)
+        kernel_gradient = tf.matmul(x_2d, upstream_2d, transpose_a=True)
+        bias_gradient = tf.reduce_sum(upstream_2d, axis=0)
+        return tf.reshape(x_gradient, tf.shape(x)), kernel_gradient, bias_gradient
+
+    return y, gradient
+
+
+class FastGradientConv2D(keras.layers.Conv2D):
+    def call(self, inputs):
+        bias = self.bias if self.use_bias else ops.zeros((self.filters,), inputs.dtype)
+        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(bias)
+        y = CONVOLUTIONS[self.strides[0]](inputs, kernel, bias)
+        return self.activation(y)
+
+
+class FastGradientDense(keras.layers.Dense):
+    def call(self, inputs, training=None):
+        bias = self.bias if self.use_bias else ops.zeros((self.units,), inputs.dtype)
+        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(bias)
+        y = dense_with_fast_input_gradient(inputs, kernel, bias)
+        return self.activation(y)
+
+
+def use_fast_input_gradients(diffusion_model):
+    """Gives the UNet's plain Conv2D and Dense layers the fast input gradient, in place
+    (the same weights); before the train step is traced. Returns how many."""
+    swapped = 0
+    for layer in all_sublayers(diffusion_model):
+        if getattr(layer, "quantization_mode", None) is not None:
+            continue
+        if type(layer) is keras.layers.Conv2D and layer.padding == "valid":
+            plain = layer.groups == 1 and tuple(layer.dilation_rate) == (1, 1)
+            plain = plain and layer.data_format == "channels_last"
+            if plain and layer.strides[0] == layer.strides[1] and layer.strides[0] in CONVOLUTIONS:
+                layer.__class__ = FastGradientConv2D
+                swapped += 1
+        elif type(layer) is keras.layers.Dense:
+            layer.__class__ = FastGradientDense
+            swapped += 1
+    return swapped
+
+
+def fast_gradients_apply(precision, jit_compile):
+    return precision == "float32" and not jit_compile and not tf.config.list_physical_devices("GPU")
+
+
+"""
+**Attention in query chunks.** KerasCV's attention computes softmax(QK^T / sqrt(d)) V
+with the whole score matrix at once, and the backward keeps it: at 512 px each of the
+UNet's five 64x64 self-attentions holds 8 heads x 4096 x 4096 scores, 512 MB in float32,
+twice over (the scores and the softmax). `attention_in_query_chunks` computes the same
+numbers a chunk of `ATTENTION_QUERY_CHUNK` queries at a time, under a custom gradient
+that recomputes each chunk's softmax in the backward instead of keeping it: what is kept
+is the queries, keys, values and output, never a whole attention matrix. Where a whole
+attention fits in one chunk (at 128 px every attention does), this is KerasCV's
+arithmetic, in one chunk.
+"""
+
+ATTENTION_QUERY_CHUNK = 1024
+
+
+def attention_in_query_chunks(query, key, value, scale, chunk=ATTENTION_QUERY_CHUNK):
+    """softmax(query @ key^T * scale) @ value for [batch, heads, tokens, head size]."""
+
+    def chunk_weights(query_chunk):
+        return tf.nn.softmax(tf.matmul(query_chunk, key, transpose_b=True) * scale)
+
+    chunk_starts = range(0, query.shape[2], chunk)
+
+    @tf.custom_gradient
+    def attend(query, key, value):
+        outputs = [
+            tf.matmul(chunk_weights(query[:, :, s : s + chunk]), value) for s in chunk_starts
+        ]
+        output = tf.concat(outputs, axis=2)
+
+        def gradient(upstream):
+            query_gradients = []
+            key_gradient, value_gradient = tf.zeros_like(key), tf.zeros_like(value)
+            for s in chunk_starts:
+                query_chunk, upstream_chunk = (
+                    query[:, :, s : s + chunk],
+                    upstream[:, :, s : s + chunk],
+                )
+                weights = chunk_weights(query_chunk)  # recomputed, never kept
+                value_gradient += tf.matmul(weights, upstream_chunk, transpose_a=True)
+                weights_gradient = tf.matmul(upstream_chunk, value, transpose_b=True)
+                # The softmax's backward: w * (dw - sum(dw * w)), and sum(dw * w) is
+                # sum(upstream * output) over the head size, row by row.
+                row_sums = tf.reduce_sum(
+                    upstream_chunk * output[:, :, s : s + chunk], axis=-1, keepdims=True
+                )
+                scores_gradient = weights * (weights_gradient - row_sums) * scale
+                query_gradients.append(tf.matmul(scores_gradient, key))
+                key_gradient += tf.matmul(scores_gradient, query_chunk, transpose_a=True)
+            return tf.concat(query_gradients, axis=2), key_gradient, value_gradient
+
+        return output, gradient
+
+    return attend(query, key, value)
+
+
+CrossAttention, ResBlock, SpatialTransformer = keras_cv_unet_classes()
+
+
+class ChunkedCrossAttention(CrossAttention):
+    """KerasCV's CrossAttention (the same weights), computed in query chunks."""
+
+    def call(self, inputs, context=None):
+        if context is None:
+            context = inputs
+        heads, head_size = self.num_heads, self.head_size
+
+        def split_heads(x):
+            x = ops.reshape(x, (-1, x.shape[1], heads, head_size))
+            return ops.transpose(x, (0, 2, 1, 3))  # [batch, heads, tokens, head size]
+
+        query = split_heads(self.to_q(inputs))
+        key, value = split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        attended = attention_in_query_chunks(query, key, value, self.scale)
+        attended = ops.reshape(
+            ops.transpose(attended, (0, 2, 1, 3)), (-1, inputs.shape[1], heads * head_size)
+        )
+        return self.out_proj(attended)
+
+
+def use_attention_in_chunks(diffusion_model):
+    """Gives the UNet's attention layers `ChunkedCrossAttention`, in place. Returns how many."""
+    layers = [layer for layer in all_sublayers(diffusion_model) if type(layer) is CrossAttention]
+    for layer in layers:
+        layer.__class__ = ChunkedCrossAttention
+    return len(layers)
+
+
+"""
+**Gradient checkpointing.** `--gradient-checkpointing` keeps, of each of the UNet's
+residual and transformer blocks, only its inputs for the backward, and computes the
+block's forward again when its gradient is needed (`tf.recompute_grad`): a lower peak of
+memory for about one more UNet forward per step. (Keras's own `remat` has a known bug
+under mixed precision on the TensorFlow backend.)
+"""
+
+
+def checkpointed(block_class):
+    """A subclass of a KerasCV block taking `[x, other]` whose call is recomputed in
+    the backward."""
+
+    class Checkpointed(block_class):
+        def call(self, inputs):
+            def block(x, other):
+                return block_class.call(self, [x, other])
+
+            return tf.recompute_grad(block)(*inputs)
+
+    Checkpointed.__name__ = f"Checkpointed{block_class.__name__}"
+    return Checkpointed
+
+
+CHECKPOINTED = {
+    ResBlock: checkpointed(ResBlock),
+    SpatialTransformer: checkpointed(SpatialTransformer),
+}
+
+
+def use_gradient_checkpointing(diffusion_model):
+    """Checkpoints the UNet's ResBlocks and SpatialTransformers, in place. Returns how many."""
+    layers = [layer for layer in all_sublayers(diffusion_model) if type(layer) in CHECKPOINTED]
+    for layer in layers:
+        layer.__class__ = CHECKPOINTED[type(layer)]
+    return len(layers)
+
+
+def speed_up_unet_backward(diffusion_model, precision, jit_compile, gradient_checkpointing):
+    use_attention_in_chunks(diffusion_model)
+    if fast_gradients_apply(precision, jit_compile):
+        use_fast_input_gradients(diffusion_model)
+    if gradient_checkpointing:
+        use_gradient_checkpointing(diffusion_model)
