@@ -45,6 +45,7 @@ from textual_inversion_extras.errors import Interrupted, UserError, run_command
 from textual_inversion_extras.errors import is_download_error, keras_download_cache
 from textual_inversion_extras.watching import slugify
 from textual_inversion_extras.hardware import global_dtype_policy
+from textual_inversion_extras.keras_internals import set_part
 
 if not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
     # Run as a script, draw into files; in a notebook (Colab) keep the inline plots.
@@ -117,7 +118,7 @@ def build_stable_diffusion(resolution, tokenizer):
         img_height=resolution, img_width=resolution, jit_compile=True
     )
     # The tokenizer, extended with the new token below, was made before the models.
-    stable_diffusion._tokenizer = tokenizer
+    set_part(stable_diffusion, "tokenizer", tokenizer)
     sd_parts(stable_diffusion)
     return stable_diffusion
 
@@ -806,9 +807,8 @@ class TutorialRun:
 
     def extend_text_encoder(self, stable_diffusion, initializer_ids):
         new_rows = token_rows(stable_diffusion.text_encoder, initializer_ids)
-        stable_diffusion._text_encoder = extend_text_encoder(
-            stable_diffusion.text_encoder, new_rows
-        )
+        new_encoder = extend_text_encoder(stable_diffusion.text_encoder, new_rows)
+        set_part(stable_diffusion, "text_encoder", new_encoder)
 
     def freeze_models(self, stable_diffusion):
         freeze_models(stable_diffusion)
@@ -1252,13 +1252,12 @@ class DistributedFineTuner(StableDiffusionFineTuner):
 
 
 """
-**Building the models for the flags.** `build_models` is the story's
-`build_stable_diffusion` with the flags' choices: `--random-weights` builds the same
-KerasCV classes with `download_weights=False`; `--xla` sets `jit_compile`; under a
-mixed `--precision` the frozen VAE and UNet hold their weights in the compute dtype
-(bfloat16 or float16), as diffusers does, since they are never updated, while the text
-encoder, whose token matrix holds the learned vector, keeps float32 weights. The global
-dtype policy is as it was afterwards (`global_dtype_policy`).
+**Building the models for the flags.** `build_models` is `build_stable_diffusion` with
+the flags' choices: `--random-weights` builds the KerasCV classes with
+`download_weights=False`; `--xla` sets `jit_compile`; under a mixed `--precision` the
+frozen VAE and UNet hold their weights in the compute dtype, as diffusers does, while
+the text encoder, whose token matrix holds the learned vector, keeps float32 weights.
+The global dtype policy is as it was afterwards (`global_dtype_policy`).
 """
 
 
@@ -1268,23 +1267,23 @@ def build_models(
     stable_diffusion = keras_cv.models.StableDiffusion(
         img_height=resolution, img_width=resolution, jit_compile=jit_compile
     )
-    stable_diffusion._tokenizer = tokenizer
+    set_part(stable_diffusion, "tokenizer", tokenizer)
     sd_models = keras_cv.models.stable_diffusion
     with global_dtype_policy(keras.mixed_precision.Policy(precision).compute_dtype):
         if random_weights:
-            stable_diffusion._image_encoder = sd_models.ImageEncoder(download_weights=False)
-            stable_diffusion._diffusion_model = sd_models.DiffusionModel(
+            image_encoder = sd_models.ImageEncoder(download_weights=False)
+            unet = sd_models.DiffusionModel(
                 resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
             )
-            stable_diffusion._decoder = sd_models.Decoder(
-                resolution, resolution, download_weights=False
-            )
+            decoder = sd_models.Decoder(resolution, resolution, download_weights=False)
+            set_part(stable_diffusion, "image_encoder", image_encoder)
+            set_part(stable_diffusion, "diffusion_model", unet)
+            set_part(stable_diffusion, "decoder", decoder)
         frozen_models = sd_parts(stable_diffusion, SD_PARTS[1:])
     with global_dtype_policy(precision):
         if random_weights:
-            stable_diffusion._text_encoder = sd_models.TextEncoder(
-                MAX_PROMPT_LENGTH, download_weights=False
-            )
+            text_encoder = sd_models.TextEncoder(MAX_PROMPT_LENGTH, download_weights=False)
+            set_part(stable_diffusion, "text_encoder", text_encoder)
             for model in [stable_diffusion.text_encoder, *frozen_models]:
                 model.compile(jit_compile=jit_compile)  # as keras-cv does
         sd_parts(stable_diffusion, SD_PARTS[:1])
@@ -1794,9 +1793,10 @@ class CommandLineRun(TutorialRun):
         else:
             new_rows = token_rows(stable_diffusion.text_encoder, initializer_ids)
         with self.strategy.scope():
-            stable_diffusion._text_encoder = extend_text_encoder(
+            new_encoder = extend_text_encoder(
                 stable_diffusion.text_encoder, new_rows, self.jit_compile
             )
+            set_part(stable_diffusion, "text_encoder", new_encoder)
 
     def freeze_models(self, stable_diffusion):
         hardware.sample_on_one_device(sd_parts(stable_diffusion))

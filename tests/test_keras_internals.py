@@ -30,3 +30,35 @@ def test_keras_cv_has_the_unet_layer_classes_the_backward_swaps():
     attention = classes[0](num_heads=2, head_size=4)
     for attribute in ("to_q", "to_k", "to_v", "out_proj", "num_heads", "head_size", "scale"):
         assert hasattr(attention, attribute), f"keras-cv's CrossAttention has no {attribute}"
+
+
+def test_keras_records_which_layer_feeds_which_in_a_functional_model():
+    inputs = keras.layers.Input((3,))
+    first = keras.layers.Dense(2, name="first")
+    second = keras.layers.Dense(1, name="second")
+    model = keras.Model(inputs, second(first(inputs)))
+    assert keras_internals.output_layer(model) is second, (
+        f"Keras {keras.__version__} keeps no _keras_history on a model's outputs; "
+        "textual_inversion_extras/keras_internals.py needs another way."
+    )
+    assert keras_internals.input_layer(second, 0) is first, (
+        f"Keras {keras.__version__} keeps no _inbound_nodes on its layers; "
+        "textual_inversion_extras/keras_internals.py needs another way."
+    )
+
+
+def test_keras_cv_keeps_the_parts_of_stable_diffusion_where_set_part_puts_them():
+    stable_diffusion = keras_cv.models.StableDiffusion(img_height=128, img_width=128)
+    decoder = keras.Sequential([keras.layers.Input((16, 16, 4))])
+    keras_internals.set_part(stable_diffusion, "decoder", decoder)
+    assert stable_diffusion.decoder is decoder, (
+        f"keras-cv {keras_cv.__version__} keeps StableDiffusion's parts elsewhere; "
+        "textual_inversion_extras/keras_internals.py needs their new place."
+    )
+
+
+def test_keras_lets_a_model_forget_its_distribution_strategy():
+    model = keras.Sequential([keras.layers.Input((3,)), keras.layers.Dense(2)])
+    keras_internals.forget_distribution_strategy(model)
+    assert model.distribute_strategy is not None  # Keras falls back to the default one
+    assert model._distribute_strategy is None

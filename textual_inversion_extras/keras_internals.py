@@ -38,3 +38,10 @@ def forget_distribution_strategy(model):
     """Makes `model` predict as a plain model, outside the `tf.distribute` strategy it
     was built in (Keras's record of that strategy, `_distribute_strategy`)."""
     model._distribute_strategy = None
+
+
+def set_part(stable_diffusion, part, model):
+    """Puts `model` in the place of one of KerasCV StableDiffusion's parts, which it
+    keeps in private attributes (`_tokenizer`, `_text_encoder`, `_image_encoder`,
+    `_diffusion_model`, `_decoder`) and builds on first use when they are None."""
+    setattr(stable_diffusion, f"_{part}", model)

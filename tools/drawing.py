@@ -59,7 +59,6 @@ def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
         jit_compile,
         ti.hardware.resolve_precision(args.precision),
     )
-    stable_diffusion._text_encoder = ti.extend_text_encoder(
-        stable_diffusion.text_encoder, new_rows, jit_compile
-    )
+    new_encoder = ti.extend_text_encoder(stable_diffusion.text_encoder, new_rows, jit_compile)
+    ti.set_part(stable_diffusion, "text_encoder", new_encoder)
     return stable_diffusion
