@@ -773,12 +773,10 @@ def generate_final_images(
 
 
 """
-## The whole run
-
-The steps above, in one function and in the tutorial's order, the cheap ones first: a
-bad token or a missing image is reported before 4 GB of weights download. `TutorialRun`
-holds the tutorial's settings and its way of taking each step; the command line takes
-some steps its own way, for its flags, through the same `run_tutorial`.
+**The whole run.** The steps above, in one function and in the tutorial's order, the
+cheap ones first: a bad token or a missing image is reported before 4 GB of weights
+download. `TutorialRun` holds the tutorial's settings and its way of taking each step;
+the command line takes some steps its own way, for its flags, through `run_tutorial`.
 """
 
 
