@@ -124,8 +124,7 @@ def build_stable_diffusion(resolution, tokenizer):
 
 
 """
-Next, a visualization utility to show the generated images. Run as a script there is
-no screen, so every row of images is also written to a PNG file.
+Next, a utility to show the generated images; each row also goes to a PNG file.
 """
 
 
@@ -485,9 +484,8 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
 
 
 """
-Before training, StableDiffusion draws the new token as a cat, the word it started
-from. `draw_samples` draws 3 images of a prompt with a fixed seed into
-`samples/epoch-NNN_<prompt>.png` (epoch 0: before training).
+Before training, the new token draws as a cat. `draw_samples` draws 3 images of a
+prompt, fixed seed, into `samples/epoch-NNN_<prompt>.png` (epoch 0: before training).
 """
 
 SAMPLE_PROMPTS = [
