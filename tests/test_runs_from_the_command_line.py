@@ -28,13 +28,16 @@ SCRIPT = os.path.join(ROOT, "textual_inversion.py")
 EVALUATE = os.path.join(ROOT, "tools", "evaluate.py")
 STAND_INS = os.path.join(ROOT, "tests", "stand_ins.py")
 
-# Measured: the losses agree within 2e-5 (relative), the vectors within 1.4e-5. A batch
-# of 1 and a batch of 2 run the convolutions in different orders, and Adam's normalised
-# update passes such rounding on for components with small gradients. A replica that
-# used the wrong noise, or missed the other's gradient, would be off by about the
-# learning rate (1e-2) in many components.
-LOSS_TOLERANCE = 1e-4
-VECTOR_TOLERANCE = 1e-4
+# The first step starts from the same vector on the same examples and noise, so its loss
+# agrees to float32 rounding. After it, the runs part by rounding: a batch of 1 and a
+# batch of 2 run the convolutions in different orders, and Adam's normalised update
+# passes that on for components with small gradients. Measured: within 2e-5 (losses)
+# and 1.4e-5 (vectors) on one AMD EPYC, 7e-4 and 7.5e-4 on another (AVX-512 BF16). A
+# replica that used the wrong noise, or missed the other's gradient, is off by about
+# the learning rate (1e-2) in many components from the first update on.
+FIRST_LOSS_TOLERANCE = 1e-5
+LOSS_TOLERANCE = 2e-3
+VECTOR_TOLERANCE = 2e-3
 
 # 2 images and 1 prompt make 5 examples, 2 steps an epoch with a batch of 2.
 STEPS = 6
@@ -227,9 +230,9 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
     )  # fmt: skip
 
     # The same examples with the same noise: the same loss at each step...
-    np.testing.assert_allclose(
-        step_losses(distributed_dir), step_losses(single_dir), rtol=LOSS_TOLERANCE
-    )
+    distributed_losses, single_losses = step_losses(distributed_dir), step_losses(single_dir)
+    np.testing.assert_allclose(distributed_losses[0], single_losses[0], rtol=FIRST_LOSS_TOLERANCE)
+    np.testing.assert_allclose(distributed_losses, single_losses, rtol=LOSS_TOLERANCE)
     # ...and the same learned vector,
     learned = saving.load_embedding(str(distributed_dir / saving.EMBEDDING_FILE))
     reference = saving.load_embedding(str(single_dir / saving.EMBEDDING_FILE))

@@ -39,7 +39,7 @@ import numpy as np
 import safetensors
 
 from textual_inversion_extras.keras_internals import input_layer, output_layer
-from textual_inversion_extras.run_control import UserError
+from textual_inversion_extras.errors import UserError
 
 BASE_MODEL = "KerasCV StableDiffusion v1.4 (CLIP ViT-L/14 text encoder)"
 UNET = "model.diffusion_model."
