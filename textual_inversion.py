@@ -784,6 +784,7 @@ class TutorialRun:
     placeholder_token, initializer_token = PLACEHOLDER_TOKEN, INITIALIZER_TOKEN
     images, prompts = SINGLE_IMAGE_URLS, SINGLE_PROMPTS
     group_images, group_prompts = GROUP_IMAGE_URLS, GROUP_PROMPTS
+    max_train_steps = None  # the tutorial trains every epoch; a number stops sooner
 
     def add_token(self, tokenizer):
         """The new token's ids, and the ids of the words their rows start from."""
@@ -823,6 +824,8 @@ class TutorialRun:
             GenerateImages(stable_diffusion, prompt, self.output_dir, self.sample_every, **options)
             for prompt in sample_prompts
         ]
+        if self.max_train_steps:
+            callbacks.append(run_control.StopAfterSteps(self.max_train_steps))
         train_ds = assemble_train_dataset(sets, seed=self.seed, epochs=self.epochs)
         train(trainer, train_ds, epoch_steps, self.epochs, callbacks)
         return trainer

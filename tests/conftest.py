@@ -192,11 +192,12 @@ def two_vector_encoder(concept, token):
         ti.freeze_models(stable_diffusion)
 
 
-# The order of the modules, for memory: the command-line runs first, while this process
-# is small (three script processes of about 2.5 GB side by side); the modules on the
+# The order of the modules, for memory: the notebook's kernel and the command-line runs
+# first, while this process is small (a kernel with the full-size models at 128 px,
+# then three script processes of about 2.5 GB side by side); the modules on the
 # full-size models last, the oracle first among them (about 11 GB, and a command-line
 # run of the checkpoint beside it).
-FIRST_MODULES = ["test_runs_from_the_command_line.py"]
+FIRST_MODULES = ["test_notebook.py", "test_runs_from_the_command_line.py"]
 LAST_MODULES = ["test_diffusers_oracle.py", "test_unet_backward.py", "test_mixed_precision.py"]
 
 
@@ -204,7 +205,7 @@ def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
         if name in FIRST_MODULES:
-            return 0
-        return 2 + LAST_MODULES.index(name) if name in LAST_MODULES else 1
+            return FIRST_MODULES.index(name)
+        return 10 + LAST_MODULES.index(name) if name in LAST_MODULES else 5
 
     items.sort(key=rank)  # a stable sort: within a module, the file's order
