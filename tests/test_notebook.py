@@ -106,3 +106,10 @@ def test_the_notebooks_install_cell_runs_the_readmes_colab_install_commands():
     notebook_commands = [line.strip() for line in install_cell if line.strip().startswith("!")]
     assert len(readme_commands) == 3
     assert notebook_commands[:3] == readme_commands
+
+
+def test_the_story_is_as_long_as_the_readme_says():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    claimed = int(re.search(r"its first (\d+) lines are the tutorial", readme).group(1))
+    story_end = open(ti.__file__).read().split("# Beyond the tutorial")[0].count("\n")
+    assert claimed - 10 < story_end <= claimed
