@@ -195,9 +195,11 @@ def run_diffusers(args, image_path):
         embeddings[placeholder_id] = embeddings[cat_id]
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    text_encoder.text_model.encoder.requires_grad_(False)
-    text_encoder.text_model.final_layer_norm.requires_grad_(False)
-    text_encoder.text_model.embeddings.position_embedding.requires_grad_(False)
+    # transformers 5 dropped the `text_model` wrapper that diffusers' script names.
+    text_model = getattr(text_encoder, "text_model", text_encoder)
+    text_model.encoder.requires_grad_(False)
+    text_model.final_layer_norm.requires_grad_(False)
+    text_model.embeddings.position_embedding.requires_grad_(False)
     if args.gradient_checkpointing:
         unet.train()
         text_encoder.gradient_checkpointing_enable()
