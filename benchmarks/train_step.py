@@ -111,7 +111,7 @@ def parse_args(argv=None):
         "--no-fast-gradients",
         action="store_true",
         help="Ours without the UNet's fast input gradients, which textual_inversion.py "
-        "uses on a CPU in float32 without XLA: to see what they save.",
+        "uses on a CPU in float32 or mixed_bfloat16 without XLA: to see what they save.",
     )
     return parser.parse_args(argv)
 

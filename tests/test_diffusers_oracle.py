@@ -340,19 +340,22 @@ def test_the_training_step_gives_the_diffusers_loss_and_gradient(fine_tuner, tor
 def test_with_the_unet_backward_the_script_uses_the_step_still_gives_diffusers_loss_and_gradient(
     gradient_checkpointing, fine_tuner, km, torch_ref, inputs
 ):
-    """As the script trains on a CPU in float32: attention in chunks and the fast input
-    gradients, and with --gradient-checkpointing its blocks recomputed."""
-    unet = km.diffusion_model
-    original_classes = {id(layer): layer.__class__ for layer in all_sublayers(unet)}
+    """As the script trains on a CPU in float32: the VAE's and the UNet's group norms,
+    attention in chunks and the fast input gradients, and with --gradient-checkpointing
+    the UNet's blocks recomputed."""
+    models = [km.image_encoder, km.decoder, km.diffusion_model]
+    layers = [layer for model in models for layer in all_sublayers(model)]
+    original_classes = {id(layer): layer.__class__ for layer in layers}
     try:
-        unet_backward.speed_up_unet_backward(unet, "float32", False, gradient_checkpointing)
-        swapped = sum(
-            type(layer) is not original_classes[id(layer)] for layer in all_sublayers(unet)
-        )
-        assert swapped > 250 + 32 + (38 if gradient_checkpointing else 0)
+        unet_backward.speed_up_training(km, "float32", False, gradient_checkpointing)
+        swapped = [layer for layer in layers if type(layer) is not original_classes[id(layer)]]
+        assert len(swapped) > 250 + 32 + (38 if gradient_checkpointing else 0)
+        # The group norms of the VAE encoder, which the step runs, are swapped too.
+        encoder_layers = all_sublayers(km.image_encoder)
+        assert any(isinstance(layer, unet_backward.FastGroupNormalization) for layer in encoder_layers)
         loss, gradient = trainer_step(fine_tuner, inputs)
     finally:
-        for layer in all_sublayers(unet):
+        for layer in layers:
             layer.__class__ = original_classes[id(layer)]
     assert_step_is_diffusers(loss, gradient, torch_ref)
 

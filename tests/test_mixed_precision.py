@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
-from textual_inversion_extras import hardware, saving
+from textual_inversion_extras import hardware, saving, unet_backward
+from textual_inversion_extras.keras_internals import all_sublayers
 from conftest import RESOLUTION
 from stand_ins import stand_in_models
 
@@ -97,7 +98,12 @@ def loss_and_unscaled_gradient(stable_diffusion, placeholder_token_id, images, t
 
 @pytest.fixture(scope="module")
 def bfloat16_copy(real_concept):
-    yield mixed_precision_copy(real_concept, "mixed_bfloat16")
+    """The bfloat16 copy, its layers swapped as the script trains it on a CPU."""
+    stable_diffusion = mixed_precision_copy(real_concept, "mixed_bfloat16")
+    unet_backward.speed_up_training(
+        stable_diffusion, "mixed_bfloat16", jit_compile=False, gradient_checkpointing=False
+    )
+    yield stable_diffusion
     gc.collect()  # A second Stable Diffusion is ~4 GB: let it go after this module.
 
 
@@ -132,9 +138,11 @@ def float32_reference(real_concept):
     return loss, gradient
 
 
-def test_mixed_bfloat16_gives_the_float32_loss_and_gradient(
+def test_mixed_bfloat16_with_the_fast_input_gradients_gives_the_float32_loss_and_gradient(
     real_concept, bfloat16_copy, float32_reference
 ):
+    unet_layers = all_sublayers(bfloat16_copy.diffusion_model)
+    assert any(isinstance(layer, unet_backward.FastGradientConv2D) for layer in unet_layers)
     images, token_ids = fixed_batch(real_concept)
     reference_loss, reference_gradient = float32_reference
     loss, gradient, _ = loss_and_unscaled_gradient(
