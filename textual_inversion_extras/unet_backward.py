@@ -170,7 +170,7 @@ def use_fast_input_gradients(diffusion_model):
 
 
 # The precisions in which they were measured to pay on a CPU: float32, and bfloat16 on a
-# CPU with bfloat16 arithmetic (the UNet's backward at 128 px in a third of the time).
+# CPU with bfloat16 arithmetic.
 FAST_GRADIENT_PRECISIONS = ("float32", "mixed_bfloat16")
 
 
@@ -270,12 +270,12 @@ def use_attention_in_chunks(diffusion_model):
 """
 **Group normalization, statistics per channel first.** Keras's `GroupNormalization`
 reduces each group over a strided [pixels, group, channels of the group] view, which
-TensorFlow's CPU kernels do slowly: at 512 px one group norm of the VAE encoder's
-512 x 512 x 128 activations took about 0.36 s, and the encoder has four such. For the
-backward it keeps float32 copies of its input. `group_normalization` sums over the
-pixels per channel first, a reduction down contiguous rows, and only then over each
-group's channels (about 4x faster forward; float32 statistics, at least as accurate); its
-custom gradient keeps only its input and each group's mean and inverse deviation.
+TensorFlow's CPU kernels do slowly, and the VAE encoder runs it over 512 x 512 x 128
+activations in every step at 512 px. For the backward it keeps float32 copies of its
+input. `group_normalization` sums over the pixels per channel first, a reduction down
+contiguous rows, and only then over each group's channels (float32 statistics, as
+Keras's); its custom gradient keeps only its input and each group's mean and inverse
+deviation.
 `use_fast_group_normalization` swaps it into a model's `GroupNormalization` layers: the
 VAE's, which the train step runs forward at full resolution, and the UNet's.
 """
