@@ -351,8 +351,8 @@ def test_with_the_unet_backward_the_script_uses_the_step_still_gives_diffusers_l
         swapped = [layer for layer in layers if type(layer) is not original_classes[id(layer)]]
         assert len(swapped) > 250 + 32 + (38 if gradient_checkpointing else 0)
         # The group norms of the VAE encoder, which the step runs, are swapped too.
-        encoder_layers = all_sublayers(km.image_encoder)
-        assert any(isinstance(layer, unet_backward.FastGroupNormalization) for layer in encoder_layers)
+        fast_norm = unet_backward.FastGroupNormalization
+        assert any(isinstance(layer, fast_norm) for layer in all_sublayers(km.image_encoder))
         loss, gradient = trainer_step(fine_tuner, inputs)
     finally:
         for layer in layers:

@@ -181,7 +181,9 @@ SWAPS = {
     "attention in chunks": (unet_backward.use_attention_in_chunks, lambda n: n == 32),
     "gradient checkpointing": (unet_backward.use_gradient_checkpointing, lambda n: n == 22 + 16),
     # Two in each ResBlock, one in each SpatialTransformer, and the last.
-    "group normalization": (unet_backward.use_fast_group_normalization, lambda n: n == 2 * 22 + 16 + 1),
+    "group normalization": (
+        unet_backward.use_fast_group_normalization, lambda n: n == 2 * 22 + 16 + 1
+    ),
 }
 
 

@@ -287,7 +287,7 @@ def group_normalization(x, gamma, beta, groups, epsilon):
     group_size = channels // groups
 
     def group_means(channel_sums, count):
-        """[batch, channels] sums per channel -> [batch, 1, channels], each channel its group's mean."""
+        """[batch, channels] sums -> [batch, 1, channels]: each channel its group's mean."""
         sums = tf.reduce_sum(tf.reshape(channel_sums, [-1, groups, group_size]), 2, keepdims=True)
         means = tf.broadcast_to(sums / count, [tf.shape(channel_sums)[0], groups, group_size])
         return tf.reshape(means, [-1, 1, channels])
