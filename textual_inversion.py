@@ -1075,10 +1075,10 @@ cheaply, by swapping the class of KerasCV's layers in place, before the train st
 traced:
 
 - attention in query chunks, which never holds a whole attention matrix (always);
-- group normalization with its statistics summed per channel first, in the VAE too
-  (always: faster on a CPU, and no float32 copies kept for the backward);
+- group normalization with its statistics summed per channel first, in the VAE too,
+  whose backward keeps no float32 copy of its input (always);
 - fast input gradients for the Conv2D and Dense layers that see few pixels, where
-  TensorFlow's CPU kernels are slow (on a CPU, in float32 or mixed_bfloat16, without XLA);
+  TensorFlow's CPU kernels are slow (on a CPU without XLA, in float32 or bfloat16);
 - `--gradient-checkpointing`: the UNet's blocks recompute their forward in the
   backward instead of keeping it, for a lower peak of memory.
 """

@@ -138,11 +138,13 @@ def float32_reference(real_concept):
     return loss, gradient
 
 
-def test_mixed_bfloat16_with_the_fast_input_gradients_gives_the_float32_loss_and_gradient(
+def test_mixed_bfloat16_as_the_script_trains_on_a_cpu_gives_the_float32_loss_and_gradient(
     real_concept, bfloat16_copy, float32_reference
 ):
+    # The fast input gradients wherever the script uses them (a CPU with bfloat16 arithmetic).
     unet_layers = all_sublayers(bfloat16_copy.diffusion_model)
-    assert any(isinstance(layer, unet_backward.FastGradientConv2D) for layer in unet_layers)
+    fast = any(isinstance(layer, unet_backward.FastGradientConv2D) for layer in unet_layers)
+    assert fast == unet_backward.fast_gradients_apply("mixed_bfloat16", jit_compile=False)
     images, token_ids = fixed_batch(real_concept)
     reference_loss, reference_gradient = float32_reference
     loss, gradient, _ = loss_and_unscaled_gradient(

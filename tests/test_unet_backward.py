@@ -139,14 +139,19 @@ def keras_cv_unet(loaded_stable_diffusion):
     return unet, unet_prediction_and_context_gradient(unet)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 5, 64), (1, 40, 96)])
-def test_group_normalization_has_keras_output_and_gradients(shape):
-    """32 groups of 2 or 3 channels, over pixels (images) or tokens; a mean far from 0."""
+@pytest.mark.parametrize(
+    "shape, spread, mean",
+    [
+        ((2, 6, 5, 64), 3.0, 5.0),  # pixels, 32 groups of 2 channels, a mean far from 0
+        ((2, 40, 96), 1e-3, 0.0),  # tokens, groups of 3, a variance below epsilon
+    ],
+)
+def test_group_normalization_has_keras_output_and_gradients(shape, spread, mean):
     rng = np.random.default_rng(4)
     layer = keras.layers.GroupNormalization(epsilon=1e-5)
     layer.build(shape)
     layer.set_weights([rng.normal(size=shape[-1]) + 1, rng.normal(size=shape[-1])])
-    x = (3 * rng.normal(size=shape) + 5).astype("float32")
+    x = (spread * rng.normal(size=shape) + mean).astype("float32")
 
     def reference(x, gamma, beta):
         return layer(x)
@@ -163,6 +168,22 @@ def test_group_normalization_has_keras_output_and_gradients(shape):
     _, layer_weight_gradients = weight_gradients(layer, x)
     for gradient, expected_gradient in zip(our_gradients[1:], layer_weight_gradients):
         assert_close(gradient, expected_gradient)
+
+
+def test_group_normalization_in_bfloat16_returns_bfloat16_and_its_gradients_dtypes():
+    """Under mixed_bfloat16 the frozen layers hold bfloat16 weights and see bfloat16."""
+    x = tf.constant(np.random.default_rng(5).normal(size=(1, 4, 4, 64)), "bfloat16")
+    gamma, beta = tf.ones((64,), "bfloat16"), tf.zeros((64,), "float32")
+    output, gradients_of_inputs = gradients(
+        lambda x, gamma, beta: tf.cast(
+            unet_backward.group_normalization(x, gamma, beta, 32, 1e-5), "float32"
+        ),
+        x, gamma, beta,
+    )  # fmt: skip
+    # As Keras's layer: the output in the layer's compute dtype, whatever the input's.
+    layer = unet_backward.FastGroupNormalization(dtype="bfloat16")
+    assert layer(tf.cast(x, "float32")).dtype == "bfloat16"
+    assert [g.dtype for g in gradients_of_inputs] == [tf.bfloat16, tf.bfloat16, tf.float32]
 
 
 def weight_gradients(layer, x):

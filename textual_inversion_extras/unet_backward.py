@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from textual_inversion_extras.hardware import BFLOAT16_CPU_FLAGS, cpu_flags
 from textual_inversion_extras.keras_internals import all_sublayers, keras_cv_unet_classes
 
 """
@@ -169,14 +170,14 @@ def use_fast_input_gradients(diffusion_model):
     return swapped
 
 
-# The precisions in which they were measured to pay on a CPU: float32, and bfloat16 on a
-# CPU with bfloat16 arithmetic.
-FAST_GRADIENT_PRECISIONS = ("float32", "mixed_bfloat16")
-
-
 def fast_gradients_apply(precision, jit_compile):
-    on_cpu = not tf.config.list_physical_devices("GPU")
-    return precision in FAST_GRADIENT_PRECISIONS and not jit_compile and on_cpu
+    """Where they were measured to pay: on a CPU without XLA, in float32, and in
+    mixed_bfloat16 on a CPU with bfloat16 arithmetic (measured with avx512_bf16)."""
+    if jit_compile or tf.config.list_physical_devices("GPU"):
+        return False
+    if precision == "mixed_bfloat16":
+        return any(flag in cpu_flags() for flag in BFLOAT16_CPU_FLAGS)
+    return precision == "float32"
 
 
 """
@@ -296,6 +297,7 @@ def group_normalization(x, gamma, beta, groups, epsilon):
     def normalize(x, gamma, beta):
         shape = tf.shape(x)
         flat = tf.reshape(tf.cast(x, "float32"), [shape[0], -1, channels])
+        flat_shape = tf.shape(flat)  # so that the backward holds no float32 copy of x
         count = tf.cast(tf.shape(flat)[1] * group_size, "float32")
         mean = group_means(tf.reduce_sum(flat, axis=1), count)
         centered = flat - mean
@@ -305,8 +307,8 @@ def group_normalization(x, gamma, beta, groups, epsilon):
         y = tf.cast(tf.reshape(centered * (inverse_std * gamma32) + beta32, shape), x.dtype)
 
         def gradient(upstream):
-            normalized = (tf.reshape(tf.cast(x, "float32"), tf.shape(flat)) - mean) * inverse_std
-            upstream = tf.reshape(tf.cast(upstream, "float32"), tf.shape(flat))
+            normalized = (tf.reshape(tf.cast(x, "float32"), flat_shape) - mean) * inverse_std
+            upstream = tf.reshape(tf.cast(upstream, "float32"), flat_shape)
             gamma_gradient = tf.reduce_sum(upstream * normalized, axis=[0, 1])
             beta_gradient = tf.reduce_sum(upstream, axis=[0, 1])
             d_normalized = upstream * gamma32
@@ -326,7 +328,8 @@ def group_normalization(x, gamma, beta, groups, epsilon):
 
 class FastGroupNormalization(keras.layers.GroupNormalization):
     def call(self, inputs):
-        return group_normalization(inputs, self.gamma, self.beta, self.groups, self.epsilon)
+        outputs = group_normalization(inputs, self.gamma, self.beta, self.groups, self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)  # as Keras's layer returns
 
 
 def use_fast_group_normalization(model):
