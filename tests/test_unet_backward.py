@@ -19,10 +19,14 @@ def gradients(function, *inputs):
     with tf.GradientTape() as tape:
         tape.watch(inputs)
         output = function(*inputs)
-        # A fixed, uneven weighting of the outputs, so that every gradient is tested.
-        weights = tf.reshape(tf.range(tf.size(output), dtype="float32") % 7 - 3, output.shape)
-        loss = tf.reduce_sum(output * weights)
+        loss = weighted_sum(output)
     return output, tape.gradient(loss, inputs)
+
+
+def weighted_sum(output):
+    """A fixed, uneven weighting of the outputs, so that every gradient is tested."""
+    weights = tf.reshape(tf.range(tf.size(output), dtype="float32") % 7 - 3, output.shape)
+    return tf.reduce_sum(output * weights)
 
 
 def assert_close(ours, reference):
@@ -165,7 +169,7 @@ def test_group_normalization_has_keras_output_and_gradients(shape, spread, mean)
     assert_close(output, expected)
     # Keras's layer reads its own variables, not the inputs: its input gradient only.
     assert_close(our_gradients[0], expected_gradients[0])
-    _, layer_weight_gradients = weight_gradients(layer, x)
+    layer_weight_gradients = weight_gradients(layer, x)
     for gradient, expected_gradient in zip(our_gradients[1:], layer_weight_gradients):
         assert_close(gradient, expected_gradient)
 
@@ -174,7 +178,7 @@ def test_group_normalization_in_bfloat16_returns_bfloat16_and_its_gradients_dtyp
     """Under mixed_bfloat16 the frozen layers hold bfloat16 weights and see bfloat16."""
     x = tf.constant(np.random.default_rng(5).normal(size=(1, 4, 4, 64)), "bfloat16")
     gamma, beta = tf.ones((64,), "bfloat16"), tf.zeros((64,), "float32")
-    output, gradients_of_inputs = gradients(
+    _, gradients_of_inputs = gradients(
         lambda x, gamma, beta: tf.cast(
             unet_backward.group_normalization(x, gamma, beta, 32, 1e-5), "float32"
         ),
@@ -187,12 +191,9 @@ def test_group_normalization_in_bfloat16_returns_bfloat16_and_its_gradients_dtyp
 
 
 def weight_gradients(layer, x):
-    x = tf.constant(x)
     with tf.GradientTape() as tape:
-        output = layer(x)
-        weights = tf.reshape(tf.range(tf.size(output), dtype="float32") % 7 - 3, output.shape)
-        loss = tf.reduce_sum(output * weights)
-    return output, tape.gradient(loss, [layer.gamma, layer.beta])
+        loss = weighted_sum(layer(tf.constant(x)))
+    return tape.gradient(loss, [layer.gamma, layer.beta])
 
 
 # Every Conv2D and Dense layer of the UNet; its 16 transformer blocks' self- and

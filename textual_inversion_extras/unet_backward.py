@@ -277,6 +277,7 @@ input. `group_normalization` sums over the pixels per channel first, a reduction
 contiguous rows, and only then over each group's channels (float32 statistics, as
 Keras's); its custom gradient keeps only its input and each group's mean and inverse
 deviation.
+
 `use_fast_group_normalization` swaps it into a model's `GroupNormalization` layers: the
 VAE's, which the train step runs forward at full resolution, and the UNet's.
 """
@@ -298,7 +299,7 @@ def group_normalization(x, gamma, beta, groups, epsilon):
         shape = tf.shape(x)
         flat = tf.reshape(tf.cast(x, "float32"), [shape[0], -1, channels])
         flat_shape = tf.shape(flat)  # so that the backward holds no float32 copy of x
-        count = tf.cast(tf.shape(flat)[1] * group_size, "float32")
+        count = tf.cast(flat_shape[1] * group_size, "float32")
         mean = group_means(tf.reduce_sum(flat, axis=1), count)
         centered = flat - mean
         variance = group_means(tf.reduce_sum(tf.square(centered), axis=1), count)
