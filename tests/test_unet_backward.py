@@ -266,3 +266,29 @@ def test_attention_in_chunks_is_the_softmax_attention_for_chunks_that_split_the_
     assert_close(output, expected)
     for gradient, expected_gradient in zip(ours, expected_gradients):
         assert_close(gradient, expected_gradient)
+
+
+def test_attention_in_chunks_holds_about_one_chunk_of_scores_at_a_time():
+    """A 64x64 self-attention's forward and backward in chunks of 1024 queries: the
+    allocator's peak stays near four chunk-sized matrices (the weights, their gradient,
+    the scores' gradient and a product), well under the whole 4096 x 4096 matrix twice."""
+    rng = np.random.default_rng(5)
+    query, key, value, upstream = (
+        tf.constant(rng.normal(size=(1, 8, 4096, 40)).astype("float32")) for _ in range(4)
+    )
+
+    @tf.function
+    def forward_and_backward(query, key, value):
+        with tf.GradientTape() as tape:
+            tape.watch([query, key, value])
+            output = unet_backward.attention_in_query_chunks(query, key, value, 40**-0.5)
+        return tape.gradient(output, [query, key, value], output_gradients=upstream)
+
+    forward_and_backward(query, key, value)  # traced, and its constants allocated
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    start = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    [gradient.numpy() for gradient in forward_and_backward(query, key, value)]
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - start
+
+    chunk_scores = 8 * 1024 * 4096 * 4  # 128 MB of float32
+    assert peak < 5 * chunk_scores

@@ -187,7 +187,9 @@ UNet's five 64x64 self-attentions holds 8 heads x 4096 x 4096 scores, 512 MB in 
 twice over (the scores and the softmax). `attention_in_query_chunks` computes the same
 numbers a chunk of `ATTENTION_QUERY_CHUNK` queries at a time, under a custom gradient
 that recomputes each chunk's softmax in the backward instead of keeping it: what is kept
-is the queries, keys, values and output, never a whole attention matrix. Where a whole
+is the queries, keys, values and output, never a whole attention matrix. The backward
+takes the chunks one after another (TensorFlow would otherwise run the independent
+chunks side by side, and hold all their score matrices at once). Where a whole
 attention fits in one chunk (at 128 px every attention does), this is KerasCV's
 arithmetic, in one chunk.
 """
@@ -205,30 +207,34 @@ def attention_in_query_chunks(query, key, value, scale, chunk=ATTENTION_QUERY_CH
 
     @tf.custom_gradient
     def attend(query, key, value):
-        outputs = [
-            tf.matmul(chunk_weights(query[:, :, s : s + chunk]), value) for s in chunk_starts
-        ]
+        outputs = []
+        for s in chunk_starts:
+            with tf.control_dependencies(outputs[-1:]):  # one chunk after another
+                outputs.append(tf.matmul(chunk_weights(query[:, :, s : s + chunk]), value))
         output = tf.concat(outputs, axis=2)
 
         def gradient(upstream):
             query_gradients = []
             key_gradient, value_gradient = tf.zeros_like(key), tf.zeros_like(value)
             for s in chunk_starts:
-                query_chunk, upstream_chunk = (
-                    query[:, :, s : s + chunk],
-                    upstream[:, :, s : s + chunk],
-                )
-                weights = chunk_weights(query_chunk)  # recomputed, never kept
-                value_gradient += tf.matmul(weights, upstream_chunk, transpose_a=True)
-                weights_gradient = tf.matmul(upstream_chunk, value, transpose_b=True)
-                # The softmax's backward: w * (dw - sum(dw * w)), and sum(dw * w) is
-                # sum(upstream * output) over the head size, row by row.
-                row_sums = tf.reduce_sum(
-                    upstream_chunk * output[:, :, s : s + chunk], axis=-1, keepdims=True
-                )
-                scores_gradient = weights * (weights_gradient - row_sums) * scale
-                query_gradients.append(tf.matmul(scores_gradient, key))
-                key_gradient += tf.matmul(scores_gradient, query_chunk, transpose_a=True)
+                # One chunk after another: each starts once the one before is done.
+                done_before = [key_gradient, value_gradient, *query_gradients[-1:]]
+                with tf.control_dependencies(done_before):
+                    query_chunk, upstream_chunk = (
+                        query[:, :, s : s + chunk],
+                        upstream[:, :, s : s + chunk],
+                    )
+                    weights = chunk_weights(query_chunk)  # recomputed, never kept
+                    value_gradient += tf.matmul(weights, upstream_chunk, transpose_a=True)
+                    weights_gradient = tf.matmul(upstream_chunk, value, transpose_b=True)
+                    # The softmax's backward: w * (dw - sum(dw * w)), and sum(dw * w) is
+                    # sum(upstream * output) over the head size, row by row.
+                    row_sums = tf.reduce_sum(
+                        upstream_chunk * output[:, :, s : s + chunk], axis=-1, keepdims=True
+                    )
+                    scores_gradient = weights * (weights_gradient - row_sums) * scale
+                    query_gradients.append(tf.matmul(scores_gradient, key))
+                    key_gradient += tf.matmul(scores_gradient, query_chunk, transpose_a=True)
             return tf.concat(query_gradients, axis=2), key_gradient, value_gradient
 
         return output, gradient
