@@ -99,6 +99,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--resolution", type=int, default=128, help="Internal: the worker's.")
     parser.add_argument("--precision", default="float32", help="Internal: the worker's.")
+    parser.add_argument(
+        "--token-ids",
+        help="Internal: the prompt's ids, the placeholder's and cat's, as JSON, for the "
+        "diffusers worker (which so never imports TensorFlow).",
+    )
     return parser.parse_args(argv)
 
 
@@ -134,13 +139,16 @@ def write_image(folder, resolution):
 
 
 def token_ids():
-    """The prompt's ids, the placeholder a new token after the vocabulary, and cat's id."""
+    """The prompt's ids, the placeholder a new token after the vocabulary, and cat's id,
+    as JSON. The parent computes them, so that the diffusers worker's memory holds no
+    TensorFlow."""
     sys.path.insert(0, ROOT)
     import textual_inversion as ti
 
     tokenizer = ti.build_tokenizer()
     placeholder_id, cat_id = ti.add_placeholder_token(tokenizer, PLACEHOLDER, "cat")
-    return ti.encode_prompt(tokenizer, PROMPT.format(PLACEHOLDER)), placeholder_id, cat_id
+    ids = ti.encode_prompt(tokenizer, PROMPT.format(PLACEHOLDER))
+    return json.dumps([[int(i) for i in ids], int(placeholder_id), int(cat_id)])
 
 
 def peak_memory_gb():
@@ -185,7 +193,8 @@ def run_diffusers(args, image_path):
 
     torch.manual_seed(SEED)
     weight_dtype = torch.bfloat16 if args.precision == "mixed_bfloat16" else torch.float32
-    ids, placeholder_id, cat_id = token_ids()
+    ids, placeholder_id, cat_id = json.loads(args.token_ids)
+    ids = np.array(ids)
     text_encoder = CLIPTextModel.from_pretrained(os.path.join(args.weights, "text_encoder"))
     vae = AutoencoderKL.from_pretrained(os.path.join(args.weights, "vae"))
     unet = UNet2DConditionModel.from_pretrained(os.path.join(args.weights, "unet"))
@@ -269,7 +278,7 @@ def run_side(args, side, resolution, precision):
     command = [
         sys.executable, os.path.abspath(__file__), "--worker", side, "--resolution",
         str(resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--weights", args.weights, "--precision", precision,
+        "--weights", args.weights, "--precision", precision, "--token-ids", token_ids(),
     ]  # fmt: skip
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
