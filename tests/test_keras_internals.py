@@ -23,6 +23,7 @@ def test_keras_cv_has_the_unet_layer_classes_the_backward_swaps():
         "CrossAttention",
         "ResBlock",
         "SpatialTransformer",
+        "GEGLU",
     ], (
         f"keras-cv {keras_cv.__version__} moved its UNet layers; "
         "textual_inversion_extras/keras_internals.py needs their new place."
@@ -30,6 +31,9 @@ def test_keras_cv_has_the_unet_layer_classes_the_backward_swaps():
     attention = classes[0](num_heads=2, head_size=4)
     for attribute in ("to_q", "to_k", "to_v", "out_proj", "num_heads", "head_size", "scale"):
         assert hasattr(attention, attribute), f"keras-cv's CrossAttention has no {attribute}"
+    geglu = classes[3](output_dim=4)
+    for attribute in ("dense", "output_dim"):
+        assert hasattr(geglu, attribute), f"keras-cv's GEGLU has no {attribute}"
 
 
 def test_keras_records_which_layer_feeds_which_in_a_functional_model():

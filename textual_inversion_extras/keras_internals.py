@@ -13,13 +13,14 @@ def all_sublayers(model):
 
 def keras_cv_unet_classes():
     """KerasCV's UNet layer classes, which keras_cv does not export:
-    (CrossAttention, ResBlock, SpatialTransformer)."""
+    (CrossAttention, ResBlock, SpatialTransformer, GEGLU)."""
     from keras_cv.src.models.stable_diffusion import diffusion_model
 
     return (
         diffusion_model.CrossAttention,
         diffusion_model.ResBlock,
         diffusion_model.SpatialTransformer,
+        diffusion_model.GEGLU,
     )
 
 
