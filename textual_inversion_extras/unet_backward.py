@@ -190,9 +190,10 @@ numbers a chunk of `ATTENTION_QUERY_CHUNK` queries at a time, under a custom gra
 that recomputes each chunk's softmax in the backward instead of keeping it: what is kept
 is the queries, keys, values and output, never a whole attention matrix. The backward
 takes the chunks one after another (TensorFlow would otherwise run the independent
-chunks side by side, and hold all their score matrices at once). Where a whole
-attention fits in one chunk (at 128 px every attention does), this is KerasCV's
-arithmetic, in one chunk.
+chunks side by side, and hold all their score matrices at once). It scales the queries
+by 1 / sqrt(d) before the product where KerasCV scales the scores after it: the same
+numbers up to rounding, with one multiplication of a [tokens x head size] matrix
+instead of three of a [tokens x tokens] one (forward, recomputed, backward).
 """
 
 ATTENTION_QUERY_CHUNK = 1024
@@ -202,12 +203,13 @@ def attention_in_query_chunks(query, key, value, scale, chunk=ATTENTION_QUERY_CH
     """softmax(query @ key^T * scale) @ value for [batch, heads, tokens, head size]."""
 
     def chunk_weights(query_chunk):
-        return tf.nn.softmax(tf.matmul(query_chunk, key, transpose_b=True) * scale)
+        return tf.nn.softmax(tf.matmul(query_chunk, key, transpose_b=True))
 
     chunk_starts = range(0, query.shape[2], chunk)
 
     @tf.custom_gradient
     def attend(query, key, value):
+        """softmax(query @ key^T) @ value, the queries already scaled."""
         outputs = []
         for s in chunk_starts:
             with tf.control_dependencies(outputs[-1:]):  # one chunk after another
@@ -217,6 +219,7 @@ def attention_in_query_chunks(query, key, value, scale, chunk=ATTENTION_QUERY_CH
         def gradient(upstream):
             query_gradients = []
             key_gradient, value_gradient = tf.zeros_like(key), tf.zeros_like(value)
+            value_and_ones = tf.concat([value, tf.ones_like(value[..., :1])], axis=-1)
             for s in chunk_starts:
                 # One chunk after another: each starts once the one before is done.
                 done_before = [key_gradient, value_gradient, *query_gradients[-1:]]
@@ -227,20 +230,25 @@ def attention_in_query_chunks(query, key, value, scale, chunk=ATTENTION_QUERY_CH
                     )
                     weights = chunk_weights(query_chunk)  # recomputed, never kept
                     value_gradient += tf.matmul(weights, upstream_chunk, transpose_a=True)
-                    weights_gradient = tf.matmul(upstream_chunk, value, transpose_b=True)
-                    # The softmax's backward: w * (dw - sum(dw * w)), and sum(dw * w) is
-                    # sum(upstream * output) over the head size, row by row.
+                    # The softmax's backward: w * (dw - sum(dw * w)), with dw = upstream
+                    # @ value^T, and sum(dw * w) = sum(upstream * output) row by row. The
+                    # subtraction rides in the product: [upstream, -sums] @ [value, 1]^T.
                     row_sums = tf.reduce_sum(
                         upstream_chunk * output[:, :, s : s + chunk], axis=-1, keepdims=True
                     )
-                    scores_gradient = weights * (weights_gradient - row_sums) * scale
+                    shifted_weights_gradient = tf.matmul(
+                        tf.concat([upstream_chunk, -row_sums], axis=-1),
+                        value_and_ones,
+                        transpose_b=True,
+                    )
+                    scores_gradient = weights * shifted_weights_gradient
                     query_gradients.append(tf.matmul(scores_gradient, key))
                     key_gradient += tf.matmul(scores_gradient, query_chunk, transpose_a=True)
             return tf.concat(query_gradients, axis=2), key_gradient, value_gradient
 
         return output, gradient
 
-    return attend(query, key, value)
+    return attend(query * scale, key, value)
 
 
 CrossAttention, ResBlock, SpatialTransformer, GEGLU = keras_cv_unet_classes()
