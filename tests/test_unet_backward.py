@@ -148,6 +148,10 @@ def keras_cv_unet(loaded_stable_diffusion):
     [
         ((2, 6, 5, 64), 3.0, 5.0),  # pixels, 32 groups of 2 channels, a mean far from 0
         ((2, 40, 96), 1e-3, 0.0),  # tokens, groups of 3, a variance below epsilon
+        # A batch of one, which takes oneDNN's fused kernels.
+        ((1, 6, 5, 64), 3.0, 5.0),
+        ((1, 40, 96), 1e-3, 0.0),
+        ((1, 3, 1, 32), 1.0, 0.0),  # three pixels, one channel a group
     ],
 )
 def test_group_normalization_has_keras_output_and_gradients(shape, spread, mean):

@@ -343,7 +343,9 @@ activations in every step at 512 px. For the backward it keeps float32 copies of
 input. `group_normalization` sums over the pixels per channel first, a reduction down
 contiguous rows, and only then over each group's channels (float32 statistics, as
 Keras's); its custom gradient keeps only its input and each group's mean and inverse
-deviation.
+deviation. For a batch of one (the tutorial's) it takes both steps from oneDNN's fused
+batch-norm kernels instead, which read the input once per step: each channel's mean and
+variance over the pixels, and then the normalization with each group's statistics.
 
 `use_fast_group_normalization` swaps it into a model's `GroupNormalization` layers: the
 VAE's, which the train step runs forward at full resolution, and the UNet's.
@@ -361,18 +363,44 @@ def group_normalization(x, gamma, beta, groups, epsilon):
         means = tf.broadcast_to(sums / count, [tf.shape(channel_sums)[0], groups, group_size])
         return tf.reshape(means, [-1, 1, channels])
 
+    def normalize_batch_of_one(x, gamma32, beta32):
+        """(y, mean, variance) from two fused batch norms over x as [1, 1, pixels, channels]."""
+        pixels = tf.reshape(x, [1, 1, -1, channels])
+        ones, zeros, no_statistics = tf.ones([channels]), tf.zeros([channels]), tf.zeros([0])
+        per_channel = tf.raw_ops.FusedBatchNormV3(
+            x=pixels, scale=ones, offset=zeros, mean=no_statistics,
+            variance=no_statistics, epsilon=epsilon, is_training=True,
+        )  # fmt: skip
+        count = tf.cast(tf.shape(pixels)[2], "float32")
+        channel_means = per_channel.batch_mean[None]
+        # The kernel's variance is the sample variance (n - 1): back to the population's.
+        channel_variances = per_channel.batch_variance[None] * (count - 1) / count
+        # A group's variance: its channels' variances plus their means' spread.
+        mean = group_means(channel_means, group_size)
+        spread = tf.square(channel_means - tf.reshape(mean, [1, channels]))
+        variance = group_means(channel_variances + spread, group_size)
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=pixels, scale=gamma32, offset=beta32, mean=tf.reshape(mean, [channels]),
+            variance=tf.reshape(variance, [channels]), epsilon=epsilon, is_training=False,
+        ).y  # fmt: skip
+        return tf.reshape(y, tf.shape(x)), mean, variance
+
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         shape = tf.shape(x)
-        flat = tf.reshape(tf.cast(x, "float32"), [shape[0], -1, channels])
-        flat_shape = tf.shape(flat)  # so that the backward holds no float32 copy of x
+        flat_shape = tf.stack([shape[0], tf.size(x) // (shape[0] * channels), channels])
         count = tf.cast(flat_shape[1] * group_size, "float32")
-        mean = group_means(tf.reduce_sum(flat, axis=1), count)
-        centered = flat - mean
-        variance = group_means(tf.reduce_sum(tf.square(centered), axis=1), count)
-        inverse_std = tf.math.rsqrt(variance + epsilon)
         gamma32, beta32 = tf.cast(gamma, "float32"), tf.cast(beta, "float32")
-        y = tf.cast(tf.reshape(centered * (inverse_std * gamma32) + beta32, shape), x.dtype)
+        if x.shape[0] == 1:
+            y, mean, variance = normalize_batch_of_one(x, gamma32, beta32)
+            inverse_std = tf.math.rsqrt(variance + epsilon)
+        else:
+            flat = tf.reshape(tf.cast(x, "float32"), flat_shape)
+            mean = group_means(tf.reduce_sum(flat, axis=1), count)
+            centered = flat - mean
+            variance = group_means(tf.reduce_sum(tf.square(centered), axis=1), count)
+            inverse_std = tf.math.rsqrt(variance + epsilon)
+            y = tf.cast(tf.reshape(centered * (inverse_std * gamma32) + beta32, shape), x.dtype)
 
         def gradient(upstream):
             normalized = (tf.reshape(tf.cast(x, "float32"), flat_shape) - mean) * inverse_std
