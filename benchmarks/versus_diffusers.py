@@ -278,8 +278,10 @@ def run_side(args, side, resolution, precision):
     command = [
         sys.executable, os.path.abspath(__file__), "--worker", side, "--resolution",
         str(resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--weights", args.weights, "--precision", precision, "--token-ids", token_ids(),
+        "--weights", args.weights, "--precision", precision,
     ]  # fmt: skip
+    if side == "diffusers":
+        command += ["--token-ids", token_ids()]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     print(f"{side}, {resolution} px ...", flush=True)

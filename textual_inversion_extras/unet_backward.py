@@ -188,12 +188,13 @@ UNet's five 64x64 self-attentions holds 8 heads x 4096 x 4096 scores, 512 MB in 
 twice over (the scores and the softmax). `attention_in_query_chunks` computes the same
 numbers a chunk of `ATTENTION_QUERY_CHUNK` queries at a time, under a custom gradient
 that recomputes each chunk's softmax in the backward instead of keeping it: what is kept
-is the queries, keys, values and output, never a whole attention matrix. The backward
-takes the chunks one after another (TensorFlow would otherwise run the independent
-chunks side by side, and hold all their score matrices at once). It scales the queries
+is the queries, keys, values and output, never a whole attention matrix. The forward
+and the backward take the chunks one after another (TensorFlow would otherwise run the
+independent chunks side by side, and hold all their score matrices at once). It scales the queries
 by 1 / sqrt(d) before the product where KerasCV scales the scores after it: the same
-numbers up to rounding, with one multiplication of a [tokens x head size] matrix
-instead of three of a [tokens x tokens] one (forward, recomputed, backward).
+numbers up to rounding, with two multiplications of a [tokens x head size] matrix
+(forward and backward) instead of three of a [tokens x tokens] one (forward,
+recomputed, backward).
 """
 
 ATTENTION_QUERY_CHUNK = 1024
@@ -293,14 +294,16 @@ same dtype, under a custom gradient that keeps only the Dense layer's output and
 recomputes the rest in the backward, in the forward's dtype, as autodiff's would.
 """
 
-GELU_TANH_SCALE, GELU_TANH_CUBIC = 0.7978845608, 0.044715  # sqrt(2 / pi), and KerasCV's
+# KerasCV's literals, sqrt(2 / pi) to ten digits and GELU's cubic term: the forward is
+# KerasCV's bit for bit only with these.
+GELU_TANH_SCALE, GELU_TANH_CUBIC = 0.7978845608, 0.044715
 
 
 def gated_gelu(projected, width):
     """x * gelu(gate) for projected = [..., x | gate], each `width` wide (tanh GELU)."""
 
     @tf.custom_gradient
-    def gate(projected):
+    def gated(projected):
         x, gate = projected[..., :width], projected[..., width:]
         tanh = tf.tanh(gate * GELU_TANH_SCALE * (1 + GELU_TANH_CUBIC * gate**2))
         output = x * 0.5 * gate * (1 + tanh)
@@ -317,7 +320,7 @@ def gated_gelu(projected, width):
 
         return output, gradient
 
-    return gate(projected)
+    return gated(projected)
 
 
 class LeanGEGLU(GEGLU):
@@ -343,9 +346,10 @@ activations in every step at 512 px. For the backward it keeps float32 copies of
 input. `group_normalization` sums over the pixels per channel first, a reduction down
 contiguous rows, and only then over each group's channels (float32 statistics, as
 Keras's); its custom gradient keeps only its input and each group's mean and inverse
-deviation. For a batch of one (the tutorial's) it takes both steps from oneDNN's fused
-batch-norm kernels instead, which read the input once per step: each channel's mean and
-variance over the pixels, and then the normalization with each group's statistics.
+deviation. For a batch of one (the tutorial's) it takes both steps from TensorFlow's
+fused batch-norm kernel instead (oneDNN's, on a CPU build with it): each channel's mean
+and variance over the pixels (the kernel also writes a normalized copy, unused), and
+then the normalization with each group's statistics.
 
 `use_fast_group_normalization` swaps it into a model's `GroupNormalization` layers: the
 VAE's, which the train step runs forward at full resolution, and the UNet's.
