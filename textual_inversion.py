@@ -505,8 +505,7 @@ def draw_samples(stable_diffusion, prompt, epoch, output_dir, steps=SAMPLE_STEPS
 """
 ## Freezing everything but the new embedding
 
-The only part of the model textual inversion trains is the placeholder's embedding
-vector. The UNet, the VAE and the text encoder are frozen.
+Textual inversion trains only the placeholder's embedding; everything else is frozen.
 
 Keras's `Adam` weight-decays every row of a trainable variable, so training the whole
 49,409 x 768 token matrix, as the tutorial did, moves every other token too. The
@@ -529,8 +528,7 @@ A few utilities first:
   (`standard_normal(shape)` gives the noise for it).
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
   of timesteps, at once (the tutorial mapped over them one by one).
-- `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`;
-  `latent_distribution_encoder` gives the VAE's mean and log-variance.
+- `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
 """
 
 
@@ -771,10 +769,9 @@ def generate_final_images(
 
 
 """
-**The whole run.** The steps above, in one function and in the tutorial's order, the
-cheap ones first: a bad token or a missing image is reported before 4 GB of weights
-download. `TutorialRun` holds the tutorial's settings and its way of taking each step;
-the command line takes some steps its own way, for its flags, through `run_tutorial`.
+**The whole run.** The steps above in the tutorial's order, cheap ones first: a bad
+token or a missing image is reported before 4 GB of weights download. `TutorialRun`
+holds the tutorial's settings and steps; the command line overrides some, for its flags.
 """
 
 
