@@ -186,22 +186,30 @@ def fast_gradients_apply(precision, jit_compile):
 with the whole score matrix at once, and the backward keeps it: at 512 px each of the
 UNet's five 64x64 self-attentions holds 8 heads x 4096 x 4096 scores, 512 MB in float32,
 twice over (the scores and the softmax). `attention_in_query_chunks` computes the same
-numbers a chunk of `ATTENTION_QUERY_CHUNK` queries at a time, under a custom gradient
-that recomputes each chunk's softmax in the backward instead of keeping it: what is kept
-is the queries, keys, values and output, never a whole attention matrix. The forward
-and the backward take the chunks one after another (TensorFlow would otherwise run the
-independent chunks side by side, and hold all their score matrices at once). It scales the queries
-by 1 / sqrt(d) before the product where KerasCV scales the scores after it: the same
-numbers up to rounding, with two multiplications of a [tokens x head size] matrix
-(forward and backward) instead of three of a [tokens x tokens] one (forward,
-recomputed, backward).
+numbers a chunk of queries at a time (at most `ATTENTION_CHUNK_SCORES` scores per head:
+half of the 64x64 matrix, or all queries at once against the text's 77 keys), under a
+custom gradient that recomputes each chunk's softmax in the backward instead of keeping
+it: what is kept is the queries, keys, values and output, never a whole attention
+matrix. The forward and the backward take the chunks one after another (TensorFlow
+would otherwise run the independent chunks side by side, and hold all their score
+matrices at once). It scales the queries by 1 / sqrt(d) before the product where
+KerasCV scales the scores after it: the same numbers up to rounding, with two
+multiplications of a [tokens x head size] matrix (forward and backward) instead of
+three of a [tokens x tokens] one (forward, recomputed, backward).
 """
 
-ATTENTION_QUERY_CHUNK = 1024
+# Fewer, larger chunks take less time; half a 64x64 matrix bounds their memory.
+ATTENTION_CHUNK_SCORES = 2048 * 4096
 
 
-def attention_in_query_chunks(query, key, value, scale, chunk=ATTENTION_QUERY_CHUNK):
-    """softmax(query @ key^T * scale) @ value for [batch, heads, tokens, head size]."""
+def queries_per_chunk(key_count):
+    return max(1, ATTENTION_CHUNK_SCORES // key_count)
+
+
+def attention_in_query_chunks(query, key, value, scale, chunk=None):
+    """softmax(query @ key^T * scale) @ value for [batch, heads, tokens, head size], in
+    chunks of `chunk` queries (by default, `queries_per_chunk` of the keys)."""
+    chunk = chunk or queries_per_chunk(key.shape[2])
 
     def chunk_weights(query_chunk):
         return tf.nn.softmax(tf.matmul(query_chunk, key, transpose_b=True))
