@@ -1,6 +1,6 @@
 """The UNet's backward, computed more cheaply: fast input gradients, attention in query
-chunks (two at 64x64, one against the text), lean gated GELUs, group norms, gradient checkpointing. Each gives KerasCV's
-outputs and gradients."""
+chunks (two at 64x64, one against the text), lean gated GELUs, group norms, gradient
+checkpointing. Each gives KerasCV's outputs and gradients."""
 
 import contextlib
 
