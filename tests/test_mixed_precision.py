@@ -3,10 +3,13 @@
 bfloat16 is what some CPUs compute fast: checked on the full-size models. mixed_float16,
 with Keras's loss scaling, is the path of older GPUs (Colab's T4): its scaling and
 unscaling are mechanics, checked on the stand-in VAE and UNet beside KerasCV's text
-encoder (a CPU computes float16 very slowly).
+encoder (a CPU computes float16 very slowly). Last, the other hardware setting of a CPU
+run: the allocator keeps freed memory.
 """
 
 import gc
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -16,7 +19,7 @@ import tensorflow as tf
 import textual_inversion as ti
 from textual_inversion_extras import hardware, saving, unet_backward
 from textual_inversion_extras.keras_internals import all_sublayers
-from conftest import RESOLUTION
+from conftest import RESOLUTION, ROOT
 from stand_ins import stand_in_models
 
 # bfloat16 keeps 8 bits of mantissa: a relative error of 1% on a mean of ~16k squared
@@ -198,3 +201,31 @@ def test_an_explicit_precision_is_kept_and_auto_says_what_it_chose(capsys):
     chosen = hardware.resolve_precision("auto")
     assert chosen in hardware.PRECISIONS and chosen != "auto"
     assert f"--precision auto: {chosen}, as " in capsys.readouterr().out
+
+
+KEPT_MEMORY_CHECK = """
+import resource, numpy as np
+from textual_inversion_extras.hardware import keep_freed_memory
+
+def page_faults_of_a_new_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = np.ones(64 * 2**20, np.uint8)  # 64 MB, every page written
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+page_faults_of_a_new_block()
+returned = page_faults_of_a_new_block()
+assert keep_freed_memory()
+page_faults_of_a_new_block()  # the heap grows once
+print(returned, page_faults_of_a_new_block())
+"""
+
+
+def test_with_freed_memory_kept_a_freed_block_comes_back_without_the_kernel_mapping_it_again():
+    """In a process of its own: the allocator's setting lasts as long as the process."""
+    result = subprocess.run(
+        [sys.executable, "-c", KEPT_MEMORY_CHECK], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    returned, kept = map(int, result.stdout.split())
+    assert returned > 100 and kept == 0, (returned, kept)

@@ -1,6 +1,9 @@
-"""The hardware's settings: the precision, XLA, and the devices to train on."""
+"""The hardware's settings: the precision, XLA, the devices to train on, and the
+allocator's."""
 
 import contextlib
+import ctypes
+import ctypes.util
 
 import keras
 import tensorflow as tf
@@ -134,3 +137,27 @@ def global_dtype_policy(policy):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+"""
+**Freed memory kept for reuse (a CPU, Linux).** Every step allocates and frees blocks of
+tens of megabytes. glibc's malloc takes large blocks straight from the kernel and gives
+them back when they are freed, so the kernel maps and zeroes their pages again at the
+next allocation, page by page, on the cores that train. `keep_freed_memory` has malloc
+serve every block from its heap and never shrink the heap, so that a freed block is
+reused as it is. `python benchmarks/versus_diffusers.py` measures the step with it.
+"""
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's malloc.h
+LARGEST_INT = 2**31 - 1
+
+
+def keep_freed_memory():
+    """Makes glibc's malloc keep freed memory for reuse. Returns whether it could (not
+    where the C library is not glibc, as on macOS)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, LARGEST_INT) == 1
