@@ -290,6 +290,18 @@ def test_a_64x64_self_attention_takes_two_chunks_and_a_cross_attention_to_the_te
     assert unet_backward.queries_per_chunk(ti.MAX_PROMPT_LENGTH) >= 64 * 64
 
 
+def test_with_gradient_checkpointing_the_attention_chunks_are_half_the_size(keras_cv_unet):
+    unet, _ = keras_cv_unet
+
+    def speed_up_with_checkpointing(unet):
+        unet_backward.speed_up_unet_backward(unet, "float32", False, gradient_checkpointing=True)
+        chunked = unet_backward.ChunkedCrossAttention
+        return {layer.chunk_scores for layer in all_sublayers(unet) if type(layer) is chunked}
+
+    with swapped_layers(unet, speed_up_with_checkpointing) as chunk_scores:
+        assert chunk_scores == {unet_backward.ATTENTION_CHUNK_SCORES // 2}
+
+
 def test_attention_in_its_chunks_peaks_below_three_fifths_of_attention_in_one_chunk():
     """A 64x64 self-attention's forward and backward (4096 queries, 8 heads of 40): in
     its chunks of 2048 queries, one after another, the allocator's peak stays below 3/5

@@ -202,8 +202,8 @@ three of a [tokens x tokens] one (forward, recomputed, backward).
 ATTENTION_CHUNK_SCORES = 2048 * 4096
 
 
-def queries_per_chunk(key_count):
-    return max(1, ATTENTION_CHUNK_SCORES // key_count)
+def queries_per_chunk(key_count, chunk_scores=ATTENTION_CHUNK_SCORES):
+    return max(1, chunk_scores // key_count)
 
 
 def attention_in_query_chunks(query, key, value, scale, chunk=None):
@@ -264,7 +264,10 @@ CrossAttention, ResBlock, SpatialTransformer, GEGLU = keras_cv_unet_classes()
 
 
 class ChunkedCrossAttention(CrossAttention):
-    """KerasCV's CrossAttention (the same weights), computed in query chunks."""
+    """KerasCV's CrossAttention (the same weights), computed in query chunks of at most
+    `chunk_scores` scores per head."""
+
+    chunk_scores = ATTENTION_CHUNK_SCORES
 
     def call(self, inputs, context=None):
         if context is None:
@@ -277,18 +280,20 @@ class ChunkedCrossAttention(CrossAttention):
 
         query = split_heads(self.to_q(inputs))
         key, value = split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        attended = attention_in_query_chunks(query, key, value, self.scale)
+        chunk = queries_per_chunk(key.shape[2], self.chunk_scores)
+        attended = attention_in_query_chunks(query, key, value, self.scale, chunk)
         attended = ops.reshape(
             ops.transpose(attended, (0, 2, 1, 3)), (-1, inputs.shape[1], heads * head_size)
         )
         return self.out_proj(attended)
 
 
-def use_attention_in_chunks(diffusion_model):
+def use_attention_in_chunks(diffusion_model, chunk_scores=ATTENTION_CHUNK_SCORES):
     """Gives the UNet's attention layers `ChunkedCrossAttention`, in place. Returns how many."""
     layers = [layer for layer in all_sublayers(diffusion_model) if type(layer) is CrossAttention]
     for layer in layers:
         layer.__class__ = ChunkedCrossAttention
+        layer.chunk_scores = chunk_scores
     return len(layers)
 
 
@@ -492,8 +497,11 @@ def use_gradient_checkpointing(diffusion_model):
 
 
 def speed_up_unet_backward(diffusion_model, precision, jit_compile, gradient_checkpointing):
+    """The swaps of the UNet. `--gradient-checkpointing` asks for a lower peak of memory:
+    attention chunks half the size, too."""
     use_fast_group_normalization(diffusion_model)
-    use_attention_in_chunks(diffusion_model)
+    chunk_scores = ATTENTION_CHUNK_SCORES // (2 if gradient_checkpointing else 1)
+    use_attention_in_chunks(diffusion_model, chunk_scores)
     use_lean_geglu(diffusion_model)
     if fast_gradients_apply(precision, jit_compile):
         use_fast_input_gradients(diffusion_model)
