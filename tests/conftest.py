@@ -78,6 +78,18 @@ def save_random_embedding(path, token, seed):
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def allocator_left_as_it_is():
+    """A training run in this process would have glibc's malloc keep freed memory for the
+    rest of the session, which raises the suite's peak: the tests that train here leave
+    the allocator as it is (that setting has a test in a process of its own)."""
+    from textual_inversion_extras import unet_backward
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(unet_backward, "keep_freed_memory", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("images"))
