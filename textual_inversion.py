@@ -1061,7 +1061,7 @@ Each of these lives in a module of its own, in `textual_inversion_extras/`:
 - `watching.py`: the progress bar, the loss of every step (`loss.csv`, `loss.png`), a
   montage of the sample images, and the words nearest to the learned vectors.
 - `hardware.py`: `--precision auto` and `--xla auto` by what the hardware computes
-  fast, and the devices of `--distribute`.
+  fast, the devices of `--distribute`, and freed memory kept for reuse on a CPU.
 """
 
 """
@@ -1802,6 +1802,7 @@ class CommandLineRun(TutorialRun):
         unet_backward.speed_up_training(
             stable_diffusion, self.precision, self.jit_compile, self.args.gradient_checkpointing
         )
+        hardware.keep_freed_memory()
 
     def train(self, stable_diffusion, sets, placeholder_token_ids):
         args, initial_step = self.args, self.initial_step

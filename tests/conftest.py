@@ -83,10 +83,10 @@ def allocator_left_as_it_is():
     """A training run in this process would have glibc's malloc keep freed memory for the
     rest of the session, which raises the suite's peak: the tests that train here leave
     the allocator as it is (that setting has a test in a process of its own)."""
-    from textual_inversion_extras import unet_backward
+    from textual_inversion_extras import hardware
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(unet_backward, "keep_freed_memory", lambda: False)
+        patch.setattr(hardware, "keep_freed_memory", lambda: False)
         yield
 
 

@@ -140,12 +140,13 @@ def global_dtype_policy(policy):
 
 
 """
-**Freed memory kept for reuse (a CPU, Linux).** Every step allocates and frees blocks of
-tens of megabytes. glibc's malloc takes large blocks straight from the kernel and gives
-them back when they are freed, so the kernel maps and zeroes their pages again at the
-next allocation, page by page, on the cores that train. `keep_freed_memory` has malloc
-serve every block from its heap and never shrink the heap, so that a freed block is
-reused as it is. `python benchmarks/versus_diffusers.py` measures the step with it.
+**Freed memory kept for reuse (a CPU, Linux).** The script calls this once the weights
+are loaded. Every step allocates and frees blocks of tens of megabytes. glibc's malloc
+takes large blocks straight from the kernel and gives them back when they are freed, so
+the kernel maps and zeroes their pages again at the next allocation, page by page, on
+the cores that train. `keep_freed_memory` has malloc serve every block from its heap and
+never shrink the heap, so that a freed block is reused as it is. `python
+benchmarks/versus_diffusers.py` measures the step with it.
 """
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's malloc.h
@@ -153,8 +154,10 @@ LARGEST_INT = 2**31 - 1
 
 
 def keep_freed_memory():
-    """Makes glibc's malloc keep freed memory for reuse. Returns whether it could (not
-    where the C library is not glibc, as on macOS)."""
+    """On a CPU, makes glibc's malloc keep freed memory for reuse. Returns whether it
+    did: not with a GPU, nor where the C library is not glibc (as on macOS)."""
+    if gpu_facts():
+        return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from textual_inversion_extras.hardware import BFLOAT16_CPU_FLAGS, cpu_flags, keep_freed_memory
+from textual_inversion_extras.hardware import BFLOAT16_CPU_FLAGS, cpu_flags
 from textual_inversion_extras.keras_internals import all_sublayers, keras_cv_unet_classes
 
 """
@@ -511,10 +511,7 @@ def speed_up_unet_backward(diffusion_model, precision, jit_compile, gradient_che
 
 def speed_up_training(stable_diffusion, precision, jit_compile, gradient_checkpointing):
     """Every swap the script makes before training: the VAE's group norms (its encoder
-    runs in every step, its decoder draws the samples) and the UNet's backward; and on
-    a CPU, freed memory kept for reuse (after the weights are loaded)."""
-    if not tf.config.list_physical_devices("GPU"):
-        keep_freed_memory()
+    runs in every step, its decoder draws the samples) and the UNet's backward."""
     use_fast_group_normalization(stable_diffusion.image_encoder)
     use_fast_group_normalization(stable_diffusion.decoder)
     speed_up_unet_backward(
