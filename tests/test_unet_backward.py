@@ -285,6 +285,23 @@ def test_attention_in_chunks_is_the_softmax_attention_for_chunks_that_split_the_
         assert_close(gradient, expected_gradient)
 
 
+def test_the_backward_recomputes_the_softmax_of_every_chunk_but_the_first():
+    """In 3 chunks, the traced forward and backward hold 5 softmaxes: the forward's 3,
+    and the backward's recomputes of the second and third chunks' weights."""
+    query, key, value = (tf.ones((1, 2, n, 4)) for n in (9, 5, 5))
+
+    @tf.function
+    def forward_and_backward(query, key, value):
+        with tf.GradientTape() as tape:
+            tape.watch([query, key, value])
+            output = unet_backward.attention_in_query_chunks(query, key, value, 0.5, chunk=3)
+        return tape.gradient(output, [query, key, value])
+
+    graph = forward_and_backward.get_concrete_function(query, key, value).graph
+    softmaxes = [op for op in graph.get_operations() if op.type == "Softmax"]
+    assert len(softmaxes) == 3 + 2
+
+
 def test_a_64x64_self_attention_takes_two_chunks_and_a_cross_attention_to_the_text_one():
     assert unet_backward.queries_per_chunk(64 * 64) == 64 * 64 // 2
     assert unet_backward.queries_per_chunk(ti.MAX_PROMPT_LENGTH) >= 64 * 64

@@ -188,11 +188,14 @@ UNet's five 64x64 self-attentions holds 8 heads x 4096 x 4096 scores, 512 MB in 
 twice over (the scores and the softmax). `attention_in_query_chunks` computes the same
 numbers a chunk of queries at a time (at most `ATTENTION_CHUNK_SCORES` scores per head:
 half of the 64x64 matrix, or all queries at once against the text's 77 keys), under a
-custom gradient that recomputes each chunk's softmax in the backward instead of keeping
-it: what is kept is the queries, keys, values and output, never a whole attention
-matrix. The forward and the backward take the chunks one after another (TensorFlow
-would otherwise run the independent chunks side by side, and hold all their score
-matrices at once). It scales the queries by 1 / sqrt(d) before the product where
+custom gradient. What the backward gets from the forward is the queries, keys, values
+and output, and the first chunk's softmax weights; it recomputes the other chunks'
+weights, so it never holds a whole attention matrix. (A recompute of the first chunk
+would wait on nothing, and TensorFlow's graph optimizer merges such a recompute with
+the forward's own computation: it would keep those weights anyway, so the code keeps
+them openly.) The forward and the backward take the chunks one after another
+(TensorFlow would otherwise run the independent chunks side by side, and hold all
+their score matrices at once). It scales the queries by 1 / sqrt(d) before the product where
 KerasCV scales the scores after it: the same numbers up to rounding, with two
 multiplications of a [tokens x head size] matrix (forward and backward) instead of
 three of a [tokens x tokens] one (forward, recomputed, backward).
@@ -219,10 +222,12 @@ def attention_in_query_chunks(query, key, value, scale, chunk=None):
     @tf.custom_gradient
     def attend(query, key, value):
         """softmax(query @ key^T) @ value, the queries already scaled."""
-        outputs = []
+        outputs, first_weights = [], None
         for s in chunk_starts:
             with tf.control_dependencies(outputs[-1:]):  # one chunk after another
-                outputs.append(tf.matmul(chunk_weights(query[:, :, s : s + chunk]), value))
+                weights = chunk_weights(query[:, :, s : s + chunk])
+                first_weights = weights if s == 0 else first_weights
+                outputs.append(tf.matmul(weights, value))
         output = tf.concat(outputs, axis=2)
 
         def gradient(upstream):
@@ -237,7 +242,8 @@ def attention_in_query_chunks(query, key, value, scale, chunk=None):
                         query[:, :, s : s + chunk],
                         upstream[:, :, s : s + chunk],
                     )
-                    weights = chunk_weights(query_chunk)  # recomputed, never kept
+                    # The first chunk's weights are the forward's; the others recomputed.
+                    weights = first_weights if s == 0 else chunk_weights(query_chunk)
                     value_gradient += tf.matmul(weights, upstream_chunk, transpose_a=True)
                     # The softmax's backward: w * (dw - sum(dw * w)), with dw = upstream
                     # @ value^T, and sum(dw * w) = sum(upstream * output) row by row. The
