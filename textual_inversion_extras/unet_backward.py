@@ -195,10 +195,17 @@ would wait on nothing, and TensorFlow's graph optimizer merges such a recompute 
 the forward's own computation: it would keep those weights anyway, so the code keeps
 them openly.) The forward and the backward take the chunks one after another
 (TensorFlow would otherwise run the independent chunks side by side, and hold all
-their score matrices at once). It scales the queries by 1 / sqrt(d) before the product where
-KerasCV scales the scores after it: the same numbers up to rounding, with two
+their score matrices at once). It scales the queries by 1 / sqrt(d) before the product
+where KerasCV scales the scores after it: the same numbers up to rounding, with two
 multiplications of a [tokens x head size] matrix (forward and backward) instead of
 three of a [tokens x tokens] one (forward, recomputed, backward).
+
+The products whose result is a head's 40 columns (the output, and the gradients of the
+queries, keys and values) are computed transposed, the thin matrix on the left:
+value^T @ weights^T instead of weights @ value. oneDNN's bfloat16 kernels take less time
+that way; on 2 cores of an AMD EPYC, for one chunk of 2048 queries against 4096 keys
+(8 heads of 40): 18 against 22 ms for the output, 22 against 31 for the values'
+gradient, 24 against 27 for the keys', 18 against 22 for the queries'.
 """
 
 # Fewer, larger chunks take less time; half a 64x64 matrix bounds their memory.
@@ -219,24 +226,30 @@ def attention_in_query_chunks(query, key, value, scale, chunk=None):
 
     chunk_starts = range(0, query.shape[2], chunk)
 
+    def transposed(x):
+        return tf.transpose(x, [0, 1, 3, 2])
+
     @tf.custom_gradient
     def attend(query, key, value):
         """softmax(query @ key^T) @ value, the queries already scaled."""
-        outputs, first_weights = [], None
+        value_t = transposed(value)
+        outputs_t, first_weights = [], None
         for s in chunk_starts:
-            with tf.control_dependencies(outputs[-1:]):  # one chunk after another
+            with tf.control_dependencies(outputs_t[-1:]):  # one chunk after another
                 weights = chunk_weights(query[:, :, s : s + chunk])
                 first_weights = weights if s == 0 else first_weights
-                outputs.append(tf.matmul(weights, value))
-        output = tf.concat(outputs, axis=2)
+                # (weights @ value)^T, computed as value^T @ weights^T: faster (see above).
+                outputs_t.append(tf.matmul(value_t, weights, transpose_b=True))
+        output = transposed(tf.concat(outputs_t, axis=3))
 
         def gradient(upstream):
-            query_gradients = []
-            key_gradient, value_gradient = tf.zeros_like(key), tf.zeros_like(value)
+            query_gradients_t = []
+            key_gradient_t, value_gradient_t = tf.zeros_like(value_t), tf.zeros_like(value_t)
+            key_t = transposed(key)
             value_and_ones = tf.concat([value, tf.ones_like(value[..., :1])], axis=-1)
             for s in chunk_starts:
                 # One chunk after another: each starts once the one before is done.
-                done_before = [key_gradient, value_gradient, *query_gradients[-1:]]
+                done_before = [key_gradient_t, value_gradient_t, *query_gradients_t[-1:]]
                 with tf.control_dependencies(done_before):
                     query_chunk, upstream_chunk = (
                         query[:, :, s : s + chunk],
@@ -244,7 +257,7 @@ def attention_in_query_chunks(query, key, value, scale, chunk=None):
                     )
                     # The first chunk's weights are the forward's; the others recomputed.
                     weights = first_weights if s == 0 else chunk_weights(query_chunk)
-                    value_gradient += tf.matmul(weights, upstream_chunk, transpose_a=True)
+                    value_gradient_t += tf.matmul(upstream_chunk, weights, transpose_a=True)
                     # The softmax's backward: w * (dw - sum(dw * w)), with dw = upstream
                     # @ value^T, and sum(dw * w) = sum(upstream * output) row by row. The
                     # subtraction rides in the product: [upstream, -sums] @ [value, 1]^T.
@@ -257,9 +270,10 @@ def attention_in_query_chunks(query, key, value, scale, chunk=None):
                         transpose_b=True,
                     )
                     scores_gradient = weights * shifted_weights_gradient
-                    query_gradients.append(tf.matmul(scores_gradient, key))
-                    key_gradient += tf.matmul(scores_gradient, query_chunk, transpose_a=True)
-            return tf.concat(query_gradients, axis=2), key_gradient, value_gradient
+                    query_gradients_t.append(tf.matmul(key_t, scores_gradient, transpose_b=True))
+                    key_gradient_t += tf.matmul(query_chunk, scores_gradient, transpose_a=True)
+            query_gradient = transposed(tf.concat(query_gradients_t, axis=3))
+            return query_gradient, transposed(key_gradient_t), transposed(value_gradient_t)
 
         return output, gradient
 
