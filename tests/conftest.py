@@ -61,6 +61,21 @@ def run_script(*arguments, timeout=900):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
+def python_in_a_process_of_its_own(script):
+    """Runs `script` in a new Python process, which can import the project and the tests'
+    modules, and returns what it printed; if it fails, the test shows its error."""
+    paths = [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def import_tool(name):
     """A script of tools/ as a module, as `import textual_inversion` is."""
     import importlib.util

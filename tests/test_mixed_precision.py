@@ -8,8 +8,6 @@ run: the allocator keeps freed memory.
 """
 
 import gc
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -19,7 +17,7 @@ import tensorflow as tf
 import textual_inversion as ti
 from textual_inversion_extras import hardware, saving, unet_backward
 from textual_inversion_extras.keras_internals import all_sublayers
-from conftest import RESOLUTION, ROOT
+from conftest import RESOLUTION, python_in_a_process_of_its_own
 from stand_ins import stand_in_models
 
 # bfloat16 keeps 8 bits of mantissa: a relative error of 1% on a mean of ~16k squared
@@ -223,9 +221,6 @@ print(returned, page_faults_of_a_new_block())
 
 def test_with_freed_memory_kept_a_freed_block_comes_back_without_the_kernel_mapping_it_again():
     """In a process of its own: the allocator's setting lasts as long as the process."""
-    result = subprocess.run(
-        [sys.executable, "-c", KEPT_MEMORY_CHECK], cwd=ROOT, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    returned, kept = map(int, result.stdout.split())
+    printed = python_in_a_process_of_its_own(KEPT_MEMORY_CHECK)
+    returned, kept = map(int, printed.split())
     assert returned > 100 and kept == 0, (returned, kept)

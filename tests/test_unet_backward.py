@@ -3,9 +3,6 @@ chunks (two at 64x64, one against the text), lean gated GELUs, group norms, grad
 checkpointing. Each gives KerasCV's outputs and gradients."""
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -13,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
-from conftest import RESOLUTION
+from conftest import RESOLUTION, python_in_a_process_of_its_own
 from textual_inversion_extras import hardware, keras_internals, unet_backward
 from textual_inversion_extras.keras_internals import all_sublayers
 
@@ -50,13 +47,8 @@ def in_a_fresh_process(measurement, *arguments):
     after different measurements in the same process. A fresh process measures the code
     alone."""
     call = f"tests.{measurement.__name__}(*{arguments!r})"
-    script = f"import conftest, {__name__} as tests; print({call})"
-    folder = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return int(result.stdout.split()[-1])
+    printed = python_in_a_process_of_its_own(f"import {__name__} as tests; print({call})")
+    return int(printed.split()[-1])
 
 
 def assert_close(ours, reference):
