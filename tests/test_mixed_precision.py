@@ -224,3 +224,13 @@ def test_with_freed_memory_kept_a_freed_block_comes_back_without_the_kernel_mapp
     printed = python_in_a_process_of_its_own(KEPT_MEMORY_CHECK)
     returned, kept = map(int, printed.split())
     assert returned > 100 and kept == 0, (returned, kept)
+
+
+def test_with_a_gpu_freed_memory_is_left_to_the_allocator_as_it_is():
+    """In a process of its own, with a GPU faked: it refuses, and malloc keeps its settings."""
+    script = (
+        "from textual_inversion_extras import hardware\n"
+        "hardware.gpu_facts = lambda: ('Tesla T4', (7, 5))\n"
+        "print(hardware.keep_freed_memory())"
+    )
+    assert python_in_a_process_of_its_own(script).split()[-1] == "False"

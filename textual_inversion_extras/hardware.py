@@ -140,13 +140,12 @@ def global_dtype_policy(policy):
 
 
 """
-**Freed memory kept for reuse (a CPU, Linux).** The script calls this once the weights
-are loaded. Every step allocates and frees blocks of tens of megabytes. glibc's malloc
-takes large blocks straight from the kernel and gives them back when they are freed, so
-the kernel maps and zeroes their pages again at the next allocation, page by page, on
-the cores that train. `keep_freed_memory` has malloc serve every block from its heap and
-never shrink the heap, so that a freed block is reused as it is. `python
-benchmarks/versus_diffusers.py` measures the step with it.
+**Freed memory kept for reuse (a CPU, Linux).** Every step allocates and frees blocks of
+tens of megabytes. glibc's malloc takes large blocks straight from the kernel and gives
+them back when they are freed, so the kernel maps and zeroes their pages again at the
+next allocation, page by page, on the cores that train. `keep_freed_memory` has malloc
+serve every block from its heap and never shrink the heap, so that a freed block is
+reused as it is. `python benchmarks/versus_diffusers.py` measures the step with it.
 """
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's malloc.h
