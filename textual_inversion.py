@@ -39,7 +39,7 @@ import tensorflow as tf
 from keras import ops
 from keras_cv.models.stable_diffusion import NoiseScheduler
 
-from textual_inversion_extras import checkpoints, hardware, run_control, saving
+from textual_inversion_extras import checkpoints, hardware, photos, run_control, saving
 from textual_inversion_extras import unet_backward, watching
 from textual_inversion_extras.errors import Interrupted, UserError, run_command
 from textual_inversion_extras.errors import is_download_error, keras_download_cache
@@ -195,7 +195,9 @@ SINGLE_PROMPTS = [
 
 """
 The images are downloaded once into the Keras cache, resized to the model's resolution
-and scaled to [-1, 1], the range the StableDiffusion image encoder expects.
+and scaled to [-1, 1], the range the StableDiffusion image encoder expects. Each is read
+as a viewer shows it (`photos.read_photo`): turned upright as its EXIF tag says, as
+phones write them, and in 8-bit RGB whatever the file's mode (16-bit, transparent...).
 """
 
 
@@ -216,13 +218,8 @@ def load_images(files, resolution):
     resize = keras.layers.Resizing(height=resolution, width=resolution, crop_to_aspect_ratio=True)
     images = []
     for path in files:
-        try:
-            image = keras.utils.img_to_array(keras.utils.load_img(path))
-        except Exception as error:
-            raise UserError(
-                f"Could not read the image {path} ({error}); remove it or replace it "
-                "with a JPEG or PNG file."
-            ) from None
+        image = photos.read_photo(path)
+        photos.warn_if_upscaled(path, image, resolution)
         images.append(ops.convert_to_numpy(resize(image)))
     # The StableDiffusion image encoder expects pixel values in [-1, 1].
     return (np.array(images) / 127.5 - 1).astype("float32")
@@ -862,7 +859,11 @@ two image sets are used; with them, the tutorial's group photos are left out unl
 `--group-images` names some.
 """
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# HEIC and AVIF, as phones write them, are listed so that a folder of them is not
+# silently empty: a file Pillow cannot open is refused by name, with what to do.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+)  # fmt: skip
 
 
 def synthetic_image_file(url):
