@@ -65,13 +65,18 @@ def read_photo(path):
             return np.asarray(as_rgb(image), dtype="float32")
     except Image.UnidentifiedImageError:
         extension = os.path.splitext(path)[1].lower()
+        if extension in Image.registered_extensions():
+            raise UserError(
+                f"Could not read the image {path}: it is not a {extension} picture (nor any "
+                "other Pillow reads); replace it with a JPEG or PNG file, or remove it."
+            ) from None
         raise UserError(
-            f"Cannot read the image {path}: this Pillow does not open "
-            f"{extension or 'its'} files; {CONVERT_ADVICE}, or remove it."
+            f"Could not read the image {path}: this Pillow does not open "
+            f"{extension or 'such'} files; {CONVERT_ADVICE}, or remove it."
         ) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise UserError(
-            f"Cannot read the image {path} ({error}); it may be damaged: open and save "
+            f"Could not read the image {path} ({error}); it may be damaged: open and save "
             "it again as JPEG or PNG, or remove it."
         ) from None
 
