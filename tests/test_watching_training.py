@@ -113,3 +113,32 @@ def test_the_progress_bar_of_a_run_resumed_within_an_epoch_counts_to_its_end(cap
     output = bar_output(capsys, steps_per_epoch=10, total_steps=25, first_step=13, steps_taken=7)
     assert "7/7" in output
     assert "Epoch 2 (1 of 2 in this run)" in output
+
+
+def bar_after_steps(steps_per_epoch, steps_taken):
+    trainer = FakeTrainer(0)
+    bar = watching.StepProgressBar(steps_per_epoch, total_steps=steps_per_epoch)
+    bar.set_model(trainer)
+    bar.on_train_begin()
+    bar.on_epoch_begin(0)
+    for batch in range(steps_taken):
+        trainer.step.assign(batch + 1)
+        bar.on_train_batch_end(batch, {"loss": 0.5})
+    return bar
+
+
+def test_an_error_within_an_epoch_is_printed_on_a_line_of_its_own(capsys):
+    """A save that fails after step 3 of 10: the bar's line is ended before the error."""
+    bar = bar_after_steps(steps_per_epoch=10, steps_taken=3)
+    assert not capsys.readouterr().out.endswith("\n")  # the bar's line is open
+    bar.end_line()
+    assert capsys.readouterr().out == "\n"
+    bar.end_line()  # and once only
+    assert capsys.readouterr().out == ""
+
+
+def test_a_finished_epoch_leaves_no_empty_line_before_what_follows(capsys):
+    bar = bar_after_steps(steps_per_epoch=4, steps_taken=4)
+    assert capsys.readouterr().out.endswith("\n")  # Keras ends a finished bar's line
+    bar.end_line()
+    assert capsys.readouterr().out == ""

@@ -53,7 +53,16 @@ class StepProgressBar(keras.callbacks.Callback):
         self.bar = keras.utils.Progbar(self.steps_this_epoch, stateful_metrics=["loss"])
 
     def on_train_batch_end(self, batch, logs=None):
-        self.bar.update(min(batch + 1, self.steps_this_epoch), [("loss", float(logs["loss"]))])
+        steps_done = min(batch + 1, self.steps_this_epoch)
+        self.bar.update(steps_done, [("loss", float(logs["loss"]))])
+        self.line_open = steps_done < self.steps_this_epoch  # the bar ends its own line
+
+    def end_line(self):
+        """Ends the bar's line if a step left it open, so that what is printed next (an
+        error, a warning) starts on a line of its own."""
+        if getattr(self, "line_open", False):
+            print(flush=True)
+            self.line_open = False
 
 
 """
