@@ -1466,6 +1466,14 @@ def build_parser():
         help="Draw the sample prompts every this many epochs; 0: never " "(default: %(default)s).",
     )
     output.add_argument(
+        "--sample-prompts",
+        nargs="+",
+        default=SAMPLE_PROMPTS,
+        metavar="TEMPLATE",
+        help="Prompt templates of the sample images, {} standing for the token "
+        "(default: the tutorial's: " + "; ".join(SAMPLE_PROMPTS) + ").",
+    )
+    output.add_argument(
         "--sample-steps",
         type=int,
         default=SAMPLE_STEPS,
@@ -1489,11 +1497,21 @@ def build_parser():
         "(default: %(default)s).",
     )
     output.add_argument(
+        "--snapshots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep each epoch's save and the last as snapshots/step-NNNNNN.safetensors "
+        "with its training state, a few kilobytes each, to choose the best step "
+        "afterwards (tools/evaluate.py --run); --no-snapshots keeps none "
+        "(default: keep them).",
+    )
+    output.add_argument(
         "--resume",
-        metavar="saving.EMBEDDING_FILE",
-        help="Go on from a saved embedding and the step it reached, instead of starting "
-        f"from the initializer word. With the {saving.TRAINING_STATE_FILE} saved beside it, the "
-        "run goes on exactly as if it had not stopped (default: start afresh).",
+        metavar="EMBEDDING_FILE",
+        help=f"Go on from a saved embedding ({saving.EMBEDDING_FILE} or a snapshot) and the "
+        "step it reached, instead of starting from the initializer word. With the training "
+        "state saved with it, the run goes on exactly as if it had not stopped "
+        "(default: start afresh).",
     )
     machine = parser.add_argument_group("machine")
     add_machine_flags(machine)
@@ -1654,7 +1672,7 @@ def check_args(args):
             raise UserError(f"{flag} is {value}; it must be 0 (never) or more.")
     if args.learning_rate <= 0:
         raise UserError(f"--learning-rate is {args.learning_rate}; it must be above 0.")
-    for template in args.prompts or []:
+    for template in [*(args.prompts or []), *args.sample_prompts]:
         if "{}" not in template:
             raise UserError(
                 f'The prompt template "{template}" has no {{}}; put {{}} where the '
@@ -1687,6 +1705,7 @@ def training_callbacks(stable_diffusion, args, placeholder_token, sample_prompts
             fingerprint,
             every_epochs=args.save_every,
             every_steps=args.save_every_steps,
+            snapshots=args.snapshots,
         )
     )
     return callbacks
@@ -1767,6 +1786,7 @@ class CommandLineRun(TutorialRun):
         args = self.args
         sets = training_sets(args, tokenizer, self.placeholder_token)
         check_batch_fits(sets, args.batch_size)
+        encode_prompts(tokenizer, args.sample_prompts, self.placeholder_token)  # their length
         self.fingerprint = saving.run_fingerprint(
             args, sets, self.precision, self.token, self.num_vectors
         )
@@ -1810,20 +1830,16 @@ class CommandLineRun(TutorialRun):
         if args.cache_latents:
             latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
             sets = cache_latents(sets, latent_encoder, args.seed)
-        sample_prompts = [prompt.format(self.placeholder_token) for prompt in SAMPLE_PROMPTS]
+        sample_prompts = [p.replace("{}", self.placeholder_token) for p in args.sample_prompts]
         epoch_steps = steps_per_epoch(sets, args.batch_size)
         total_steps = run_control.planned_steps(
             epoch_steps, args.epochs, args.max_train_steps, initial_step
         )
         if args.sample_every and not initial_step:
-            draw_samples(
-                stable_diffusion,
-                sample_prompts[0],
-                0,
-                args.output_dir,
-                args.sample_steps,
-                args.seed,
-            )
+            for prompt in sample_prompts:  # before training, as the tutorial does
+                draw_samples(
+                    stable_diffusion, prompt, 0, args.output_dir, args.sample_steps, args.seed
+                )
 
         learning_rate = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=args.learning_rate, decay_steps=epoch_steps * args.epochs
@@ -1847,11 +1863,8 @@ class CommandLineRun(TutorialRun):
         loss_logger = watching.LossLogger(loss_log)
         non_finite_guard = run_control.StopOnNonFiniteLoss()
         # The loss is logged first, under its own step, before a non-finite one is undone.
-        callbacks = [
-            loss_logger,
-            non_finite_guard,
-            watching.StepProgressBar(epoch_steps, total_steps),
-        ]
+        progress_bar = watching.StepProgressBar(epoch_steps, total_steps)
+        callbacks = [loss_logger, non_finite_guard, progress_bar]
         callbacks.append(run_control.StopAfterSteps(total_steps))
         callbacks += training_callbacks(
             stable_diffusion, args, self.token, sample_prompts, self.fingerprint
@@ -1864,9 +1877,12 @@ class CommandLineRun(TutorialRun):
 
         with run_control.stop_training_on_signals(trainer) as signals_received:
             callbacks.append(run_control.StopAfterSignal(signals_received))
-            run_control.train_from_step(
-                trainer, steps_from, epoch_steps, args.epochs, initial_step, callbacks
-            )
+            try:
+                run_control.train_from_step(
+                    trainer, steps_from, epoch_steps, args.epochs, initial_step, callbacks
+                )
+            finally:
+                progress_bar.end_line()  # an error starts on a line of its own
         loss_logger.print_step_time()
 
         output = args.output_dir

@@ -138,6 +138,21 @@ def test_a_state_saved_by_another_configuration_is_refused(trainer, tmp_path, ch
     assert "delete" in str(refused.value)
 
 
+def test_a_resume_with_another_learning_rate_or_length_goes_on_and_says_so(
+    trainer, tmp_path, capsys
+):
+    saved = fingerprint(**{"--learning-rate": 1e-4, "--epochs": 50})
+    saving.save_training(str(tmp_path), TOKEN, trainer, {}, saved)
+    path = str(tmp_path / saving.TRAINING_STATE_FILE)
+    assert saving.load_training_state(path, saved) is not None
+    assert capsys.readouterr().out == ""  # the same schedule: nothing to say
+    longer = fingerprint(**{"--learning-rate": 1e-4, "--epochs": 100})
+    assert saving.load_training_state(path, longer) is not None
+    said = capsys.readouterr().out
+    assert "--epochs 100 (the saved run's: 50)" in said and "--learning-rate" not in said
+    assert said.count("\n") == 1
+
+
 def test_the_state_holds_the_optimizer_the_random_state_and_the_step(trainer, tmp_path):
     saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
     state = saving.load_training_state(str(tmp_path / saving.TRAINING_STATE_FILE), fingerprint())
@@ -155,7 +170,8 @@ def test_a_save_that_fails_keeps_the_previous_files_and_says_what_to_do(
     saver.set_model(trainer)
     saver.save()
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    assert sorted(before) == sorted([saving.EMBEDDING_FILE, saving.TRAINING_STATE_FILE])
+    own_files = [saving.EMBEDDING_FILE, saving.TRAINING_STATE_FILE, saving.trigger_word_file(TOKEN)]
+    assert sorted(before) == sorted(own_files)
 
     def disk_full(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -198,15 +214,72 @@ def test_an_empty_or_header_only_loss_log_is_kept_as_a_header(tmp_path):
             assert f.read().strip() == "step,epoch,loss,seconds"
 
 
-def test_a_state_of_another_step_than_the_embedding_is_not_used(trainer, tmp_path, capsys):
-    """A snapshot of an earlier step, resumed from a folder whose state went further."""
+def test_a_state_older_than_its_embedding_is_not_used(trainer, tmp_path, capsys):
+    """An embedding that went further than the state beside it (copied in by hand)."""
     saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
-    snapshot = str(tmp_path / "snapshot.safetensors")
-    vectors = trainer.learned_embedding.numpy() + 1.0
-    saving.save_embedding(snapshot, TOKEN, vectors, {"step": 5})
-    resumed = saving.load_embedding(snapshot)
-    assert saving.resume_state(snapshot, resumed, fingerprint()) is None
-    assert "resuming the embedding alone" in capsys.readouterr().out
     embedding = str(tmp_path / saving.EMBEDDING_FILE)
-    state = saving.resume_state(embedding, saving.load_embedding(embedding), fingerprint())
-    assert int(state["step"]) == 0
+    vectors = trainer.learned_embedding.numpy() + 1.0
+    saving.save_embedding(embedding, TOKEN, vectors, {"step": 5})
+    assert saving.resume_state(embedding, saving.load_embedding(embedding), fingerprint()) is None
+    assert "resuming the embedding alone" in capsys.readouterr().out
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs but `finally` blocks."""
+
+
+def test_a_save_killed_between_its_two_renames_resumes_from_the_newer_state(
+    trainer, tmp_path, monkeypatch, capsys
+):
+    """The state is renamed first and holds the vectors too: it is the newer save."""
+    saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
+    trainer.step.assign(3)
+    trainer.learned_embedding.assign(trainer.learned_embedding + 1.0)
+    renames = []
+
+    def rename_then_die(source, target):
+        if target.endswith(saving.EMBEDDING_FILE):
+            raise Killed
+        renames.append(target)
+        os.rename(source, target)
+
+    monkeypatch.setattr(os, "replace", rename_then_die)
+    with pytest.raises(Killed):
+        saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 3}, fingerprint())
+    monkeypatch.undo()
+    assert renames[-1].endswith(saving.TRAINING_STATE_FILE)
+    embedding = str(tmp_path / saving.EMBEDDING_FILE)
+    resumed = saving.load_embedding(embedding)
+    assert resumed.metadata["step"] == "0"
+    state = saving.resume_state(embedding, resumed, fingerprint())
+    assert int(state["step"]) == 3
+    np.testing.assert_array_equal(state["learned_embedding"], trainer.learned_embedding.numpy())
+    assert "resumes from the state" in capsys.readouterr().out
+
+
+def test_a_snapshot_keeps_its_steps_embedding_and_state_and_resumes_with_them(trainer, tmp_path):
+    trainer.step.assign(7)
+    saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 7}, fingerprint(), snapshot=True)
+    trainer.step.assign(8)  # a later save, no snapshot: the snapshot stays at step 7
+    trainer.learned_embedding.assign(trainer.learned_embedding + 1.0)
+    saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 8}, fingerprint())
+    snapshot = str(tmp_path / "snapshots" / "step-000007.safetensors")
+    assert os.listdir(tmp_path / "snapshots" / "states") == ["step-000007.safetensors"]
+    resumed = saving.load_embedding(snapshot)
+    assert resumed.metadata["step"] == "7" and resumed.token == TOKEN
+    state = saving.resume_state(snapshot, resumed, fingerprint())
+    assert int(state["step"]) == 7
+    np.testing.assert_array_equal(state["learned_embedding"], resumed.vectors)
+    latest = saving.load_embedding(str(tmp_path / saving.EMBEDDING_FILE))
+    assert latest.metadata["step"] == "8"
+    assert not np.array_equal(latest.vectors, resumed.vectors)
+
+
+def test_each_save_writes_the_embedding_under_its_trigger_word_too(trainer, tmp_path):
+    """AUTOMATIC1111 and ComfyUI trigger an embedding by its file's name."""
+    saving.save_training(str(tmp_path), TOKEN, trainer, {"step": 0}, fingerprint())
+    assert saving.trigger_word_file(TOKEN) == "my-funny-cat-token.safetensors"
+    copy = saving.load_embedding(str(tmp_path / "my-funny-cat-token.safetensors"))
+    embedding = saving.load_embedding(str(tmp_path / saving.EMBEDDING_FILE))
+    assert copy.token == embedding.token == TOKEN
+    np.testing.assert_array_equal(copy.vectors, embedding.vectors)

@@ -119,7 +119,9 @@ def runs(tmp_path_factory, image_folder, checkpoint_command_line_run):
             SCRIPT, [*training_flags(image_folder, root / "two-devices"), "--distribute"],
             root / "two-devices", options=["--two-devices"],
         ),
-        "single": Run(SCRIPT, training_flags(image_folder, root / "one-device"), root / "one-device"),
+        "single": Run(
+            SCRIPT, training_flags(image_folder, root / "one-device"), root / "one-device"
+        ),
         "killed": Run(
             SCRIPT, killed_flags, root / "killed",
             options=["--signal", "SIGKILL", "--after-step", KILLED_AFTER],
@@ -203,6 +205,28 @@ def test_a_finished_run_writes_its_samples_montage_loss_plot_words_and_final_ima
     assert sample.shape[:2] == (RESOLUTION, 3 * RESOLUTION)
     montage = plt.imread(output_dir / "samples" / "progress.png")
     assert montage.shape[1] == 2 * RESOLUTION  # a column per sampling epoch
+
+
+def test_a_run_resumed_from_a_snapshot_goes_on_as_the_unstopped_run_did(runs, image_folder):
+    """The unstopped run keeps a snapshot at each epoch's end (steps 2, 4 and 6); the
+    snapshot of step 2, resumed into a new folder, trains steps 3 to 6 as it did."""
+    root, runs = runs
+    assert runs["single"].finish() == 0, runs["single"].stderr[-3000:]
+    unstopped_dir = root / "one-device"
+    snapshots = sorted(os.listdir(unstopped_dir / "snapshots"))
+    assert snapshots == ["states", "step-000002.safetensors", "step-000004.safetensors",
+                         "step-000006.safetensors"]  # fmt: skip
+    snapshot = unstopped_dir / "snapshots" / "step-000002.safetensors"
+    output_dir = root / "from-a-snapshot"
+    resumed = Run(
+        SCRIPT, [*training_flags(image_folder, output_dir), "--resume", snapshot], output_dir
+    )
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert "Resuming step 2 with its training state" in resumed.stdout
+    assert step_losses(output_dir) == step_losses(unstopped_dir)[2:]
+    learned = saving.load_embedding(str(output_dir / saving.EMBEDDING_FILE))
+    unstopped = saving.load_embedding(str(unstopped_dir / "snapshots" / "step-000006.safetensors"))
+    np.testing.assert_allclose(learned.vectors, unstopped.vectors, rtol=0, atol=RESUME_TOLERANCE)
 
 
 # --- --distribute ------------------------------------------------------------------------

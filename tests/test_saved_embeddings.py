@@ -127,3 +127,17 @@ def test_generate_refuses_a_prompt_without_the_token(tmp_path):
         generate.generate(
             generate.parse_args(["--embedding", path, "--prompt", "a dog", "--random-weights"])
         )
+
+
+@pytest.mark.parametrize(
+    "token, word",
+    [
+        ("<my-funny-cat-token>", "my-funny-cat-token"),  # the brackets Windows forbids
+        ("<a:b*c?>", "abc"),
+        ("<con>", "con-embedding"),  # a device name on Windows
+        ("<learned_embeds>", "learned_embeds-embedding"),  # a run's own file
+        ("<...>", "embedding"),  # nothing left of it
+    ],
+)
+def test_the_trigger_word_is_the_token_as_a_file_name_every_system_accepts(token, word):
+    assert saving.trigger_word(token) == word

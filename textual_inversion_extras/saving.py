@@ -4,6 +4,7 @@ it, and the output folder a run writes into. Every file is written whole or not 
 import hashlib
 import json
 import os
+import re
 from typing import NamedTuple
 
 import keras
@@ -43,10 +44,14 @@ def save_embedding(path, token, vectors, metadata):
     # itself is plain float32, as every safetensors file is.
     metadata["format"] = "pt"
     partial_path = path + ".partial"
-    safetensors.numpy.save_file(
-        {token: np.asarray(vectors, dtype="float32")}, partial_path, metadata=metadata
-    )
-    os.replace(partial_path, path)
+    try:
+        safetensors.numpy.save_file(
+            {token: np.asarray(vectors, dtype="float32")}, partial_path, metadata=metadata
+        )
+        os.replace(partial_path, path)
+    finally:
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
 
 
 def load_embedding(path):
@@ -100,11 +105,68 @@ vectors too: on resume it is what counts.
 
 A state fits only the run that saved it: `run_fingerprint` records what must not
 change (the training images and prompts, the batch, the precision, the number of
-vectors, the seed, ...).
+vectors, the seed, ...). The learning rate and the number of epochs (the length of its
+cosine decay) may change, to train longer or slower: the run then goes on, and says it
+has left the saved run's schedule.
 """
+
+SCHEDULE_SETTINGS = ("--learning-rate", "--epochs")
 
 TRAINING_STATE_FILE = "training_state.safetensors"
 SAVE_EVERY_STEPS = 10
+
+"""
+**Snapshots.** Textual inversion overfits, and the loss says little about when: the
+step to keep is found afterwards, by looking and scoring (`tools/evaluate.py --run`).
+So each epoch's save and the last one are also kept under their step's name,
+`snapshots/step-NNNNNN.safetensors` (a few kilobytes each, the embedding's format), with
+their training state in `snapshots/states/`; `--resume` goes on from any of them.
+"""
+
+SNAPSHOTS_DIR = "snapshots"
+
+
+def snapshot_paths(output_dir, step):
+    """The snapshot of `step`: its embedding file and its training state."""
+    name = f"step-{step:06d}.safetensors"
+    folder = os.path.join(output_dir, SNAPSHOTS_DIR)
+    return os.path.join(folder, name), os.path.join(folder, "states", name)
+
+
+def state_path_for(embedding_path):
+    """Where the training state saved with an embedding file is."""
+    folder, name = os.path.split(embedding_path)
+    if name == EMBEDDING_FILE:
+        return os.path.join(folder, TRAINING_STATE_FILE)
+    return os.path.join(folder, "states", name)
+
+
+"""
+**The trigger word's file.** AUTOMATIC1111 and ComfyUI name an embedding by its file,
+not by the token inside it: `learned_embeds.safetensors` would be triggered by
+"learned_embeds", and two runs' files would collide. So each save also writes the
+embedding as `<word>.safetensors`, the token made a file name that Windows, macOS and
+Linux all accept (`my-funny-cat-token.safetensors`).
+"""
+
+WINDOWS_RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {
+    f"{device}{number}" for device in ("com", "lpt") for number in range(10)
+}
+
+
+def trigger_word(token):
+    """`token` as a file name: no characters Windows forbids (<>:"/\\|?*, control
+    characters), no trailing dots or spaces, no name Windows reserves."""
+    word = re.sub(r'[<>:"/\\|?*\x00-\x1f]', "", token).strip(" .")
+    word = word or "embedding"
+    taken = (EMBEDDING_FILE, TRAINING_STATE_FILE)  # a run's own files
+    if word.lower() in WINDOWS_RESERVED_NAMES or word + ".safetensors" in taken:
+        word += "-embedding"
+    return word
+
+
+def trigger_word_file(token):
+    return trigger_word(token) + ".safetensors"
 
 
 def build_optimizer(trainer):
@@ -147,11 +209,8 @@ def restore_training_state(trainer, state):
         trainer.seed_generator.state.assign(state["seed_generator_state"])
 
 
-def save_training(output_dir, token, trainer, metadata, fingerprint):
+def write_training_files(embedding_path, state_path, token, state, metadata, fingerprint):
     """Writes the training state, then the embedding, each all or nothing."""
-    state_path = os.path.join(output_dir, TRAINING_STATE_FILE)
-    embedding_path = os.path.join(output_dir, EMBEDDING_FILE)
-    state = training_state(trainer)
     try:
         safetensors.numpy.save_file(
             state, state_path + ".partial", metadata={"run": json.dumps(fingerprint)}
@@ -163,6 +222,23 @@ def save_training(output_dir, token, trainer, metadata, fingerprint):
         for path in (state_path + ".partial", embedding_path + ".partial"):
             if os.path.exists(path):
                 os.remove(path)
+
+
+def save_training(output_dir, token, trainer, metadata, fingerprint, snapshot=False):
+    """Saves the embedding and the training state; with `snapshot`, first also a copy of
+    both under the step's name (`snapshot_paths`). The copy under the trigger word's name
+    comes next, and the files a resume reads last, so that a save that fails leaves
+    those as they were."""
+    state = training_state(trainer)
+    if snapshot:
+        embedding_path, state_path = snapshot_paths(output_dir, int(state["step"]))
+        os.makedirs(os.path.dirname(state_path), exist_ok=True)
+        write_training_files(embedding_path, state_path, token, state, metadata, fingerprint)
+    trigger_path = os.path.join(output_dir, trigger_word_file(token))
+    save_embedding(trigger_path, token, state["learned_embedding"], metadata)
+    embedding_path = os.path.join(output_dir, EMBEDDING_FILE)
+    state_path = os.path.join(output_dir, TRAINING_STATE_FILE)
+    write_training_files(embedding_path, state_path, token, state, metadata, fingerprint)
 
 
 def load_training_state(path, fingerprint):
@@ -179,8 +255,12 @@ def load_training_state(path, fingerprint):
             f"The training state {path} cannot be read ({error}); delete it to resume "
             "from the embedding alone."
         ) from None
+    changed = []
     for key, value in fingerprint.items():
-        if saved.get(key) != value:
+        if key in SCHEDULE_SETTINGS:
+            if key in saved and saved[key] != value:
+                changed.append(f"{key} {value} (the saved run's: {saved[key]})")
+        elif saved.get(key) != value:
             what = (
                 f"other {key}"
                 if key in ("token", "images and prompts")
@@ -191,32 +271,45 @@ def load_training_state(path, fingerprint):
                 f"one's; resume with that run's settings, or delete {path} to resume "
                 "from the embedding alone."
             )
+    if changed:
+        print(
+            f"Resuming with {' and '.join(changed)}: the learning rate follows the new "
+            "schedule from here on, so the run parts from the one that was saved."
+        )
     return state
 
 
 def resume_state(embedding_path, resumed, fingerprint):
-    """The training state saved beside the embedding to resume, if there is one; says
-    which way the run resumes."""
-    state_path = os.path.join(os.path.dirname(embedding_path), TRAINING_STATE_FILE)
+    """The training state saved with the embedding to resume, if there is one; says
+    which way the run resumes. A state newer than its embedding is a save stopped
+    between its two renames: the state, renamed first, holds the vectors too."""
+    state_path = state_path_for(embedding_path)
     state = load_training_state(state_path, fingerprint)
     embedding_step = int(resumed.metadata.get("step", 0))
-    if state and (
-        int(state["step"]) != embedding_step
+    state_step = int(state["step"]) if state else None
+    if state and state_step > embedding_step:
+        print(
+            f"The training state {state_path} is of step {state_step}, newer than the "
+            f"embedding {embedding_path} (step {embedding_step}): its save was stopped "
+            "before it renamed the embedding, so the run resumes from the state."
+        )
+    elif state and (
+        state_step != embedding_step
         or not np.array_equal(state["learned_embedding"], resumed.vectors)
     ):
         print(
-            f"The training state {state_path} is of step {int(state['step'])}, the embedding "
+            f"The training state {state_path} is of step {state_step}, the embedding "
             f"{embedding_path} of step {embedding_step}: resuming the embedding alone."
         )
         state = None
     if state:
         print(
-            f"Resuming step {int(state['step'])} with its training state ({state_path}): "
+            f"Resuming step {state_step} with its training state ({state_path}): "
             "the run goes on as if it had not stopped."
         )
     else:
         print(
-            f"No {TRAINING_STATE_FILE} beside {embedding_path}: resuming its vectors and "
+            f"No training state saved with {embedding_path}: resuming its vectors and "
             f"step ({resumed.metadata.get('step', 0)}); Adam's moments and the random "
             "state of the noise start afresh."
         )
@@ -225,22 +318,29 @@ def resume_state(embedding_path, resumed, fingerprint):
 
 class SaveEmbedding(keras.callbacks.Callback):
     """Saves the learned embedding and the training state every `every_epochs` epochs,
-    every `every_steps` steps, and when training ends."""
+    every `every_steps` steps, and when training ends; the epochs' saves and the last
+    also as snapshots, unless `snapshots` is False."""
 
-    def __init__(self, output_dir, token, metadata, fingerprint, every_epochs, every_steps):
+    def __init__(
+        self, output_dir, token, metadata, fingerprint, every_epochs, every_steps, snapshots=True
+    ):
         super().__init__()
         self.output_dir, self.token = output_dir, token
         self.metadata, self.fingerprint = metadata, fingerprint
         self.every_epochs, self.every_steps = every_epochs, every_steps
-        self.saved_step = None
+        self.snapshots = snapshots
+        self.saved_step = self.snapshot_step = None
 
-    def save(self):
+    def save(self, snapshot=False):
         step = int(self.model.step.numpy())
-        if step == self.saved_step:
+        snapshot = snapshot and self.snapshots and step != self.snapshot_step
+        if step == self.saved_step and not snapshot:
             return
         metadata = dict(self.metadata, step=step)
         try:
-            save_training(self.output_dir, self.token, self.model, metadata, self.fingerprint)
+            save_training(
+                self.output_dir, self.token, self.model, metadata, self.fingerprint, snapshot
+            )
         except (OSError, safetensors.SafetensorError) as error:
             kept = f"step {self.saved_step}" if self.saved_step else "the last save"
             embedding_path = os.path.join(self.output_dir, EMBEDDING_FILE)
@@ -250,6 +350,8 @@ class SaveEmbedding(keras.callbacks.Callback):
                 f"{embedding_path}."
             ) from None
         self.saved_step = step
+        if snapshot:
+            self.snapshot_step = step
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_steps and int(self.model.step.numpy()) % self.every_steps == 0:
@@ -257,10 +359,10 @@ class SaveEmbedding(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
-            self.save()
+            self.save(snapshot=True)
 
     def on_train_end(self, logs=None):
-        self.save()
+        self.save(snapshot=True)
 
 
 """
@@ -275,8 +377,11 @@ def prepare_output_dir(output_dir, resume=None):
         for name in (EMBEDDING_FILE, "loss.csv")
         if os.path.exists(os.path.join(output_dir, name))
     ]
-    resuming_here = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(
-        output_dir
+    # The run of this folder goes on from its embedding or from one of its snapshots.
+    resume_folder = resume and os.path.abspath(os.path.dirname(resume))
+    resuming_here = resume and resume_folder in (
+        os.path.abspath(output_dir),
+        os.path.abspath(os.path.join(output_dir, SNAPSHOTS_DIR)),
     )
     if old_run_files and not resuming_here:
         existing = os.path.join(output_dir, old_run_files[0])
@@ -333,4 +438,6 @@ def run_fingerprint(args, sets, precision, placeholder_token, num_vectors):
         "--cache-latents": args.cache_latents,
         "--base-model": checkpoints.base_model_name(args.base_model),
         "--random-weights": args.random_weights,
+        "--learning-rate": args.learning_rate,
+        "--epochs": args.epochs,
     }
