@@ -1,6 +1,8 @@
-"""Watching training: the progress bar, the montage and the nearest words."""
+"""Watching training: the progress bar, the montage, the nearest words and the sample
+images."""
 
 import json
+import os
 
 import keras
 import numpy as np
@@ -8,6 +10,8 @@ import matplotlib.pyplot as plt
 
 import textual_inversion as ti
 from textual_inversion_extras import watching
+from conftest import RESOLUTION
+from stand_ins import stand_in_models
 
 PROMPTS = [p.format("<my-funny-cat-token>") for p in ti.SAMPLE_PROMPTS]
 TILE = 32
@@ -142,3 +146,20 @@ def test_a_finished_epoch_leaves_no_empty_line_before_what_follows(capsys):
     assert capsys.readouterr().out.endswith("\n")  # Keras ends a finished bar's line
     bar.end_line()
     assert capsys.readouterr().out == ""
+
+
+def test_the_sample_prompts_given_are_the_ones_drawn_before_and_during_training(
+    tmp_path, image_folder
+):
+    """On the stand-in models, in-process: one step, samples before it and after it."""
+    prompts = ["a {} on a beach", "a pencil drawing of {}"]
+    argv = [
+        "--random-weights", "--resolution", str(RESOLUTION), "--images", image_folder,
+        "--prompts", "a photo of {}", "--max-train-steps", "1", "--sample-every", "1",
+        "--sample-steps", "1", "--sample-prompts", *prompts, "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    with stand_in_models():
+        ti.main(argv)
+    slugs = [ti.slugify(p.format("<my-funny-cat-token>")) for p in prompts]
+    expected = [f"epoch-{epoch:03d}_{slug}.png" for epoch in (0, 1) for slug in slugs]
+    assert sorted(os.listdir(tmp_path / "samples")) == sorted(expected + ["progress.png"])
