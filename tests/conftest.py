@@ -32,6 +32,13 @@ def seed_keras_cache():
 
 seed_keras_cache()
 
+# float32 means float32 on every CPU: oneDNN (in TensorFlow and in PyTorch) may compute
+# float32 products in bfloat16 on AMX or AVX-512 BF16 when told to by these variables,
+# which would turn every float32 tolerance of the suite into a bfloat16 one. The test
+# process and the runs it starts inherit the environment, so the suite clears them.
+for variable in ("TF_SET_ONEDNN_FPMATH_MODE", "ONEDNN_DEFAULT_FPMATH_MODE"):
+    os.environ.pop(variable, None)
+
 import textual_inversion as ti  # noqa: E402
 from textual_inversion_extras import saving
 from stand_ins import stand_in_models  # noqa: E402
