@@ -1597,12 +1597,12 @@ def add_drawing_flags(parser, images_flag, images_default):
 
 
 def check_machine_args(args):
-    """The model flags: a base model that is no SD 1.x file is refused before any
-    model is built (from the file's header alone)."""
+    """The model flags: a base model that is not a whole SD 1.x model is refused before
+    any model is built (from the file's header alone)."""
     if args.base_model and args.random_weights:
         raise UserError("--base-model and --random-weights exclude each other; pass one.")
     if args.base_model:
-        checkpoints.check_model_family(checkpoints.read_source(args.base_model), args.base_model)
+        checkpoints.check_base_model(args.base_model)
 
 
 def check_drawing_args(args):

@@ -422,18 +422,15 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("kind", BAD)
-def test_a_file_that_is_not_sd1x_is_refused_in_one_sentence_and_changes_nothing(
-    kind, km, ckpt, tmp_path
-):
-    before = fingerprint(km)
-    path = str(tmp_path / f"{kind}.safetensors")
+def write_bad_file(kind, ckpt, folder):
+    """A file of `kind` made from the checkpoint's header (sparse: no data written)."""
+    path = str(folder / f"{kind}.safetensors")
     if kind == "truncated":
         write_safetensors(path, header_entries(ckpt), sparse=True, cut=4096)
     elif kind == "ckpt":
         import torch
 
-        path = str(tmp_path / "model.ckpt")
+        path = str(folder / "model.ckpt")
         torch.save({"state_dict": {"x": torch.zeros(2)}}, path)
     elif kind == "not_safetensors":
         with open(path, "wb") as f:
@@ -441,17 +438,79 @@ def test_a_file_that_is_not_sd1x_is_refused_in_one_sentence_and_changes_nothing(
     elif kind == "lora":
         write_safetensors(path, {"lora_unet_down_blocks_0.alpha": ("F32", (), None)}, sparse=True)
     else:
-        write_safetensors(
-            path, _bad(kind, header_entries(ckpt)), sparse=True
-        )  # zeros if ever loaded
+        write_safetensors(path, _bad(kind, header_entries(ckpt)), sparse=True)
+    return path
+
+
+def assert_one_sentence(message):
+    assert "\n" not in message and message.endswith("."), message
+    assert not re.search(r"[.;]\s+[A-Z]", message), message
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_a_file_that_is_not_sd1x_is_refused_in_one_sentence_and_changes_nothing(
+    kind, km, ckpt, tmp_path
+):
+    before = fingerprint(km)
+    path = write_bad_file(kind, ckpt, tmp_path)
     with pytest.raises(ti.UserError) as e:
         checkpoints.load_base_model(path, km)
     msg = str(e.value)
     print(f"\n{kind}: {msg}")
-    assert "\n" not in msg and msg.endswith(".") and not re.search(r"[.;]\s+[A-Z]", msg), msg
+    assert_one_sentence(msg)
     assert fingerprint(km) == before  # refused before any variable was touched
     if kind == "ckpt":
         assert "safetensors" in msg and "pickle" in msg
+
+
+def refused_before_building(monkeypatch, tmp_path, base_model):
+    """The refusal of `main` with --base-model, while building a model fails the test."""
+
+    def build_base_model(*args, **kwargs):
+        pytest.fail("a model was built before the base model was refused")
+
+    monkeypatch.setattr(ti, "build_base_model", build_base_model)
+    argv = ["--base-model", base_model, "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(ti.UserError) as refusal:
+        ti.main(argv)
+    assert_one_sentence(str(refusal.value))
+    assert base_model in str(refusal.value)
+    return str(refusal.value)
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_a_file_that_is_not_sd1x_is_refused_by_the_command_line_before_any_model_is_built(
+    kind, ckpt, tmp_path, monkeypatch
+):
+    """From the header alone, checked against sd1x_weights.json (the next test)."""
+    refused_before_building(monkeypatch, tmp_path, write_bad_file(kind, ckpt, tmp_path))
+
+
+def test_the_weights_checked_before_building_are_those_the_models_take(km):
+    expected = checkpoints.expected_weights(checkpoints.build_plan(km))
+    assert checkpoints.sd1x_weights() == expected
+
+
+def test_a_diffusers_folder_missing_a_part_or_of_sdxl_is_refused_before_any_model_is_built(
+    torch_ref, tmp_path, monkeypatch
+):
+    folder = torch_ref["folder"]
+    without_vae = tmp_path / "without-vae"
+    without_vae.mkdir()
+    for part in ("unet", "text_encoder"):
+        (without_vae / part).symlink_to(os.path.join(folder, part))
+    message = refused_before_building(monkeypatch, tmp_path, str(without_vae))
+    assert "has no vae/*.safetensors" in message
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (sdxl / part).symlink_to(os.path.join(folder, "text_encoder" if part[-1] == "2" else part))
+    assert "is an SDXL model" in refused_before_building(monkeypatch, tmp_path, str(sdxl))
+
+
+def test_a_base_model_path_that_does_not_exist_is_refused_with_what_to_give(tmp_path, monkeypatch):
+    message = refused_before_building(monkeypatch, tmp_path, str(tmp_path / "v1-5.safetensors"))
+    assert "does not exist" in message and "diffusers folder" in message
 
 
 # ------------------------------------------------------------------ diffusers folder

@@ -11,8 +11,10 @@ pickles are refused, as loading one runs code from the file.
 models with a CompVis key by walking the KerasCV layers in the order the CompVis module
 tree builds them, never by Keras's variable names, which come from global counters;
 every variable must be paired exactly once. The whole file is checked from its
-safetensors header (every key, shape and dtype) before any weight is written, so a
-wrong file ends in one sentence and leaves the models as they were. Convolution
+safetensors header (every key, shape and dtype) before any model is built, against
+`sd1x_weights.json` (the keys and shapes that pairing finds, which a test keeps true),
+and again before any weight is written, so a wrong file (a LoRA, an incomplete or
+reshaped checkpoint) ends in one sentence, costing neither time nor memory. Convolution
 kernels go from OIHW to HWIO, dense kernels are transposed, and the VAE attention's
 1x1 convolutions may be stored as linear layers (diffusers). `position_ids`,
 `model_ema.*`, `first_stage_model.loss.*` and the noise-schedule buffers are not
@@ -493,20 +495,40 @@ def check_model_family(src, path):
         )
 
 
-def validate(src, plan, path):
-    """Raises UserError unless `src` holds every SD 1.x weight with the right shape."""
+SD1X_WEIGHTS_FILE = os.path.join(os.path.dirname(__file__), "sd1x_weights.json")
+
+
+def expected_weights(plan):
+    """{LDM key: (kind, shape in the file)} of the weights the models of `plan` take."""
+    return {k: (kind, expected_shape(var, kind)) for var, k, kind in plan}
+
+
+def sd1x_weights():
+    """`expected_weights` of KerasCV's four SD 1.x models, read from SD1X_WEIGHTS_FILE
+    instead of building the models."""
+    with open(SD1X_WEIGHTS_FILE) as f:
+        return {k: (kind, tuple(shape)) for k, (kind, shape) in json.load(f).items()}
+
+
+def check_base_model(path):
+    """Refuses, from the header alone, a file or folder that is not a whole SD 1.x model."""
+    validate(read_source(path), sd1x_weights(), path)
+
+
+def validate(src, expected, path):
+    """Raises UserError unless `src` holds every `expected` weight with the right shape."""
     check_model_family(src, path)
-    missing = [k for _, k, _ in plan if k not in src]
-    if len(missing) == len(plan):
+    missing = [k for k in expected if k not in src]
+    if len(missing) == len(expected):
         raise UserError(
             f"{path} holds no SD 1.x model weights (is it a LoRA, an embedding or a VAE alone?); give a full SD 1.x checkpoint."
         )
     if missing:
         raise UserError(
-            f"{path} is not a complete SD 1.x checkpoint: {len(missing)} of {len(plan)} weights are missing (e.g. {missing[0]})."
+            f"{path} is not a complete SD 1.x checkpoint: {len(missing)} of {len(expected)} weights are missing (e.g. {missing[0]})."
         )
-    for var, k, kind in plan:
-        want, got = expected_shape(var, kind), src[k][3]
+    for k, (kind, want) in expected.items():
+        got = src[k][3]
         ok = got == want or (
             kind == "conv" and want[2:] == (1, 1) and got == want[:2]
         )  # 1x1 conv stored as Linear
@@ -530,7 +552,7 @@ def load_base_model(path, stable_diffusion):
     path = os.fspath(path)
     src = read_source(path)
     plan = build_plan(stable_diffusion)
-    validate(src, plan, path)  # nothing is assigned before this passes
+    validate(src, expected_weights(plan), path)  # nothing is assigned before this passes
     for var, k, kind in plan:
         w = read_tensor(*src[k])
         if kind == "conv":
