@@ -1773,6 +1773,7 @@ class CommandLineRun(TutorialRun):
         # With --distribute the models are built on every device.
         self.strategy = hardware.distribution_strategy(args.distribute, args.batch_size)
         self.state, self.initial_step, self.fingerprint = None, 0, {}
+        self.saver, self.total_steps = None, None  # set as training starts
 
     def add_token(self, tokenizer):
         args = self.args
@@ -1826,6 +1827,22 @@ class CommandLineRun(TutorialRun):
         hardware.keep_freed_memory()
 
     def train(self, stable_diffusion, sets, placeholder_token_ids):
+        try:
+            return self.train_and_report(stable_diffusion, sets, placeholder_token_ids)
+        except OSError as error:  # a full disk, outside a save
+            raise self.write_failure(error) from None
+
+    def spin(self, stable_diffusion):
+        try:
+            super().spin(stable_diffusion)
+        except OSError as error:
+            raise self.write_failure(error) from None
+
+    def write_failure(self, error):
+        saved_step = self.saver.saved_step if self.saver else None
+        return saving.write_failure(error, self.args.output_dir, saved_step, self.total_steps)
+
+    def train_and_report(self, stable_diffusion, sets, placeholder_token_ids):
         args, initial_step = self.args, self.initial_step
         if args.cache_latents:
             latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
@@ -1835,6 +1852,7 @@ class CommandLineRun(TutorialRun):
         total_steps = run_control.planned_steps(
             epoch_steps, args.epochs, args.max_train_steps, initial_step
         )
+        self.total_steps = total_steps
         if args.sample_every and not initial_step:
             for prompt in sample_prompts:  # before training, as the tutorial does
                 draw_samples(
@@ -1869,6 +1887,7 @@ class CommandLineRun(TutorialRun):
         callbacks += training_callbacks(
             stable_diffusion, args, self.token, sample_prompts, self.fingerprint
         )
+        self.saver = next(c for c in callbacks if isinstance(c, saving.SaveEmbedding))
 
         def steps_from(step):
             return assemble_train_dataset(

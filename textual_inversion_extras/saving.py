@@ -361,8 +361,41 @@ class SaveEmbedding(keras.callbacks.Callback):
         if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
             self.save(snapshot=True)
 
+    def on_train_begin(self, logs=None):
+        self.save()  # the starting point: a write that fails later can always be resumed
+
     def on_train_end(self, logs=None):
         self.save(snapshot=True)
+
+
+"""
+A full disk can strike at any write, not only at a save: the loss log, a sample image,
+a plot, the final images. `write_failure` is the one sentence for those: what failed,
+what is kept (the last save, which such a failure leaves whole), and what to do.
+"""
+
+
+def write_failure(error, output_dir, saved_step, total_steps):
+    """The UserError for an OSError while writing outside a save, after `saved_step`."""
+    what = error.filename or f"a file in {output_dir}"
+    reason = error.strerror or str(error)
+    embedding_path = os.path.join(output_dir, EMBEDDING_FILE)
+    if saved_step is None:
+        return UserError(
+            f"Writing {what} failed ({reason}) before training began, so nothing was "
+            "learned yet: make room and run the same command again."
+        )
+    if saved_step >= total_steps:
+        return UserError(
+            f"Writing {what} failed ({reason}) after training ended; the embedding of its "
+            f"last step ({saved_step}) is saved in {embedding_path}: make room and draw "
+            f"with it using tools/generate.py --embedding {embedding_path}."
+        )
+    return UserError(
+        f"Writing {what} failed ({reason}); the embedding and training state of step "
+        f"{saved_step} are kept in {output_dir}: make room and continue with --resume "
+        f"{embedding_path}."
+    )
 
 
 """
