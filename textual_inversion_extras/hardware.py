@@ -26,14 +26,14 @@ float32 weights, and the learned vector, Adam's moments and the loss stay in flo
 - `mixed_float16`, with Keras's loss scaling (which `scaled_loss` in the trainer
   applies), on older GPUs with float16 tensor cores (compute capability 7.x: V100, and
   the T4 of Colab's free tier);
-- `float32` elsewhere: on a CPU without bfloat16 arithmetic both mixed policies made a
-  step more than twice as slow in our measurements.
+- `float32` elsewhere: a CPU without bfloat16 arithmetic emulates both mixed policies,
+  converting to float32 and back around every product, so they gain nothing there.
 
 The GPU choices follow TensorFlow's mixed-precision guide; they are unmeasured here.
 `mixed_bfloat16` computes the float32 loss within 1% (tested).
 
 `--xla` compiles the models with XLA. `auto` turns it on with a GPU only: on a CPU it
-made training slower in our measurements, and Keras itself leaves it off under
+gains nothing the project has measured, and Keras itself leaves it off under
 `tf.distribute`. `benchmarks/train_step.py` times a step.
 """
 

@@ -29,9 +29,9 @@ to the text context only: back through every UNet layer that follows a cross-att
 input gradients all the way, and no weight gradients (TensorFlow prunes those). Yet on
 a CPU, in float32, most of the UNet's backward goes to `Conv2DBackpropInput` and to the
 transposed `MatMul`s of the Dense layers' input gradients (`benchmarks/train_step.py`
-breaks a step down). TensorFlow's CPU kernels
-for these are 3 to 10 times slower than the forward op when a layer sees few pixels or
-tokens: the UNet's 4x4 and 2x2 levels at 128 px (and its 8x8 level at 512 px). The
+breaks a step down; its `--no-fast-gradients` times the step without what follows).
+TensorFlow's CPU kernels for these are slow when a layer sees few pixels or tokens,
+the UNet's 4x4 and 2x2 levels at 128 px (and its 8x8 level at 512 px). The
 same numbers come from a plain matmul with the kernel on the left and, for a
 convolution, a sum of the kernel taps' shifted slices ("col2im").
 
