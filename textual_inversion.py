@@ -1797,6 +1797,11 @@ class CommandLineRun(TutorialRun):
                 self.resumed = self.resumed._replace(vectors=self.state["learned_embedding"])
             saved_step = self.state["step"] if self.state else self.resumed.metadata.get("step", 0)
             self.initial_step = int(saved_step)
+            # A run with no steps left is refused now, before the models are built.
+            epoch_steps = steps_per_epoch(sets, args.batch_size)
+            run_control.planned_steps(
+                epoch_steps, args.epochs, args.max_train_steps, self.initial_step
+            )
         return sets
 
     def build_stable_diffusion(self, tokenizer):

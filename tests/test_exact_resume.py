@@ -10,6 +10,7 @@ stands at step 6, so anything the state left out would keep its step-6 value and
 SIGKILL.)
 """
 
+import contextlib
 import csv
 import errno
 import os
@@ -283,3 +284,66 @@ def test_each_save_writes_the_embedding_under_its_trigger_word_too(trainer, tmp_
     embedding = saving.load_embedding(str(tmp_path / saving.EMBEDDING_FILE))
     assert copy.token == embedding.token == TOKEN
     np.testing.assert_array_equal(copy.vectors, embedding.vectors)
+
+
+def test_a_state_whose_optimizer_does_not_fit_is_refused_before_anything_is_restored(
+    trainer, tmp_path
+):
+    state = saving.training_state(trainer)
+    moments = next(key for key in state if key.startswith("optimizer/") and state[key].ndim == 2)
+    state[moments] = np.zeros((3, 5), "float32")
+    state["learned_embedding"] = state["learned_embedding"] + 1.0
+    vectors_before = trainer.learned_embedding.numpy()
+    with pytest.raises(ti.UserError, match="does not fit this run's optimizer"):
+        saving.restore_training_state(trainer, state)
+    np.testing.assert_array_equal(trainer.learned_embedding.numpy(), vectors_before)
+
+
+def test_a_save_killed_before_any_of_its_writes_resumes_from_a_whole_state(
+    trainer, tmp_path, monkeypatch
+):
+    """A save of step 5 over a save of step 0, killed before each of its file writes and
+    renames in turn (the snapshot's, the trigger word's file, the state, the embedding):
+    the folder always resumes with a whole training state, step 0's or step 5's, and
+    never falls back to the vectors alone."""
+    saves = {}
+
+    def save(step, folder, die_at=None):
+        trainer.step.assign(step)
+        for variable in trainer.optimizer.variables:
+            variable.assign(variable + 1.0)  # each save's moments differ
+        trainer.learned_embedding.assign(trainer.learned_embedding + 1.0)
+        saves[step] = saving.training_state(trainer)
+        writes = []
+
+        def counted(write):
+            def write_unless_killed(*args, **kwargs):
+                if len(writes) == die_at:
+                    raise Killed
+                writes.append(args[1])
+                return write(*args, **kwargs)
+
+            return write_unless_killed
+
+        with monkeypatch.context() as patch:
+            patch.setattr(safetensors.numpy, "save_file", counted(safetensors.numpy.save_file))
+            patch.setattr(os, "replace", counted(os.replace))
+            saving.save_training(folder, TOKEN, trainer, {"step": step}, fingerprint(), True)
+        return writes
+
+    all_writes = save(5, str(tmp_path / "unkilled"))
+    # The snapshot and the resumed files are 5 each (the state, the embedding written as
+    # its .partial, then the three renames), the trigger word's file 2 (written, renamed).
+    assert len(all_writes) == 12
+    for die_at in range(len(all_writes) + 1):
+        folder = str(tmp_path / f"killed-{die_at}")
+        save(0, folder)
+        with pytest.raises(Killed) if die_at < len(all_writes) else contextlib.nullcontext():
+            save(5, folder, die_at)
+        embedding = os.path.join(folder, saving.EMBEDDING_FILE)
+        state = saving.resume_state(embedding, saving.load_embedding(embedding), fingerprint())
+        assert state is not None, f"killed before write {die_at}"
+        expected = saves[int(state["step"])]
+        assert sorted(state) == sorted(expected)
+        for key in expected:
+            np.testing.assert_array_equal(state[key], expected[key], err_msg=key)

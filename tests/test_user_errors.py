@@ -100,6 +100,13 @@ def test_a_prompt_template_without_braces_is_refused(tmp_path, images):
     expect_user_error("has no {}", tmp_path, images, "--prompts", "a photo of my cat")
 
 
+def test_a_sample_prompt_without_braces_or_too_long_is_refused(tmp_path, images):
+    message = expect_user_error("has no {}", tmp_path, images, "--sample-prompts", "a cat")
+    assert "put {} where the token goes" in message
+    long_template = "a photo of {} " + "with a very long description " * 15
+    expect_user_error("more than the 77", tmp_path, images, "--sample-prompts", long_template)
+
+
 def test_a_prompt_longer_than_77_tokens_is_refused(tmp_path, images):
     long_template = "a photo of {} " + "with a very long description " * 15
     expect_user_error("more than the 77", tmp_path, images, "--prompts", long_template)
@@ -118,6 +125,8 @@ def test_a_prompt_longer_than_77_tokens_is_refused(tmp_path, images):
         ("--max-train-steps", "0", "1 or more"),
         ("--sample-steps", "0", "1 or more"),
         ("--save-every-steps", "-1", "0 \\(never\\) or more"),
+        ("--sample-every", "-1", "0 \\(never\\) or more"),
+        ("--learning-rate", "0", "must be above 0"),
     ],
 )
 def test_values_the_model_cannot_take_are_refused(tmp_path, images, flag, value, match):
@@ -133,7 +142,9 @@ def test_a_batch_larger_than_an_epoch_is_refused_with_the_largest_that_fits(tmp_
     assert "use 5 or less" in message
 
 
-def test_resuming_a_state_with_another_batch_size_is_refused(tmp_path, images):
+def saved_run(tmp_path, images, step=3, state_bytes=None):
+    """An output folder as a run of `images` leaves it after `step` steps: its embedding
+    and a training state (or `state_bytes` in its place); returns their paths."""
     flags = ["--images", *images, "--group-images", "--output-dir", str(tmp_path / "out")]
     args = ti.parse_args(flags)
     tokenizer = ti.build_tokenizer()
@@ -143,16 +154,41 @@ def test_resuming_a_state_with_another_batch_size_is_refused(tmp_path, images):
     fingerprint = saving.run_fingerprint(args, sets, precision, PLACEHOLDER, 1)
     os.makedirs(args.output_dir)
     embedding = os.path.join(args.output_dir, saving.EMBEDDING_FILE)
-    saving.save_embedding(embedding, PLACEHOLDER, np.zeros((1, 768), "float32"), {"step": 3})
-    state = {"step": np.array(3), "learned_embedding": np.zeros((1, 768), "float32")}
+    saving.save_embedding(embedding, PLACEHOLDER, np.zeros((1, 768), "float32"), {"step": step})
+    state = {"step": np.array(step), "learned_embedding": np.zeros((1, 768), "float32")}
     state_path = os.path.join(args.output_dir, saving.TRAINING_STATE_FILE)
     safetensors.numpy.save_file(state, state_path, metadata={"run": json.dumps(fingerprint)})
+    if state_bytes is not None:
+        with open(state_path, "wb") as f:
+            f.write(state_bytes)
+    return embedding, state_path
 
+
+def test_resuming_a_state_with_another_batch_size_is_refused(tmp_path, images):
+    embedding, state_path = saved_run(tmp_path, images)
     message = expect_user_error(
         "saved by a run with --batch-size 1", tmp_path, images, "--resume", embedding,
         "--batch-size", "2",
     )  # fmt: skip
     assert f"delete {state_path}" in message
+
+
+def test_resuming_beside_a_damaged_training_state_is_refused_with_how_to_go_on(tmp_path, images):
+    embedding, state_path = saved_run(tmp_path, images, state_bytes=b"\x00" * 20)
+    message = expect_user_error("cannot be read", tmp_path, images, "--resume", embedding)
+    assert f"The training state {state_path}" in message
+    assert "delete it to resume from the embedding alone" in message
+
+
+def test_resuming_a_run_with_no_steps_left_is_refused_before_the_models_are_built(
+    tmp_path, images, monkeypatch
+):
+    embedding, _ = saved_run(tmp_path, images, step=25)
+    monkeypatch.setattr(ti, "build_base_model", lambda *a, **k: pytest.fail("models built"))
+    message = expect_user_error(
+        "already has 25 steps", tmp_path, images, "--resume", embedding, "--max-train-steps", "25"
+    )
+    assert "raise --epochs or --max-train-steps" in message
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path, images):
