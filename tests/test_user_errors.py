@@ -259,6 +259,39 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_embedding(conc
     )
 
 
+def test_a_vector_that_turns_non_finite_at_step_3_keeps_step_2_not_the_start(
+    tmp_path, image_folder, monkeypatch
+):
+    """In-process, on the stand-in models: after step 3 the vector is made NaN, as a
+    diverging step would leave it; the run keeps and saves step 2's vector and state."""
+    log_step = watching.LossLogger.on_train_batch_end
+    vectors = {}
+
+    def log_step_then_break_at_3(self, batch, logs=None):
+        log_step(self, batch, logs)
+        step = int(self.model.step.numpy())
+        vectors[step] = self.model.learned_embedding.numpy()
+        if step == 3:
+            self.model.learned_embedding.assign(np.full_like(vectors[step], np.nan))
+
+    monkeypatch.setattr(watching.LossLogger, "on_train_batch_end", log_step_then_break_at_3)
+    output_dir = tmp_path / "run"
+    argv = [
+        "--random-weights", "--resolution", str(RESOLUTION), "--images", image_folder,
+        "--prompts", "a photo of {}", "--max-train-steps", "5", "--sample-every", "0",
+        "--save-every-steps", "0", "--learning-rate", "1e-2", "--output-dir", str(output_dir),
+    ]  # fmt: skip
+    with stand_in_models(), pytest.raises(ti.UserError) as raised:
+        ti.main(argv)
+    assert "non-finite at step 3" in str(raised.value) and "(step 2)" in str(raised.value)
+    saved = saving.load_embedding(str(output_dir / saving.EMBEDDING_FILE))
+    assert saved.metadata["step"] == "2"
+    assert not np.array_equal(vectors[2], vectors[1])  # step 2 learned something
+    np.testing.assert_array_equal(saved.vectors, vectors[2])
+    state = saving.load_training_state(str(output_dir / saving.TRAINING_STATE_FILE), {})
+    assert int(state["step"]) == 2
+
+
 def test_ctrl_c_stops_after_the_step_saves_it_and_exits_130_with_the_resume_command(
     tmp_path, image_folder, monkeypatch, capsys
 ):
