@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 
 import textual_inversion as ti
+from textual_inversion_extras import saving
 from conftest import RESOLUTION
+from stand_ins import stand_in_models
 
 PLACEHOLDER = "<my-funny-cat-token>"
 LATENT_SIZE = RESOLUTION // 8
@@ -70,3 +72,22 @@ def test_cached_views_are_augmented_and_pair_with_every_prompt(
         ti.encode_views(images, latent_encoder, seed=args.seed, views=2),
         sets[0].images[0, :2][None],
     )
+
+
+def test_a_command_line_run_with_cached_latents_and_two_vectors_resumes_with_its_state(
+    tmp_path, image_folder, capsys
+):
+    """Through `main`, on the stand-in models: 2 steps, then resumed to 4."""
+    output_dir = tmp_path / "run"
+    argv = [
+        "--random-weights", "--resolution", str(RESOLUTION), "--images", image_folder,
+        "--prompts", "a photo of {}", "--cache-latents", "--num-vectors", "2",
+        "--sample-every", "0", "--output-dir", str(output_dir),
+    ]  # fmt: skip
+    embedding = str(output_dir / saving.EMBEDDING_FILE)
+    with stand_in_models():
+        ti.main([*argv, "--max-train-steps", "2"])
+        ti.main([*argv, "--max-train-steps", "4", "--resume", embedding])
+    assert "Resuming step 2 with its training state" in capsys.readouterr().out
+    saved = saving.load_embedding(embedding)
+    assert saved.vectors.shape == (2, 768) and saved.metadata["step"] == "4"
