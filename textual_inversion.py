@@ -214,12 +214,13 @@ def download_images(urls):
     return files
 
 
-def load_images(files, resolution):
+def load_images(files, resolution, warn_if_small=True):
     resize = keras.layers.Resizing(height=resolution, width=resolution, crop_to_aspect_ratio=True)
     images = []
     for path in files:
         image = photos.read_photo(path)
-        photos.warn_if_upscaled(path, image, resolution)
+        if warn_if_small:
+            photos.warn_if_upscaled(path, image, resolution)
         images.append(ops.convert_to_numpy(resize(image)))
     # The StableDiffusion image encoder expects pixel values in [-1, 1].
     return (np.array(images) / 127.5 - 1).astype("float32")

@@ -18,6 +18,18 @@ text similarity.
 
     python tools/evaluate.py --embedding outputs/learned_embeds.safetensors \\
         --images my_photos/ --num-images 8
+    python tools/evaluate.py --run outputs --images my_photos/   # every snapshot
+
+**Choosing the step.** `--run OUTPUT_DIR` scores every snapshot a training run kept
+(`snapshots/step-NNNNNN.safetensors`), each with the same prompts, seeds and number of
+images, building the models once. It writes `scores.csv` (step, image similarity, text
+similarity) and `scores.png` (both scores against the step, and the paper's trade-off of
+one against the other) into the run's folder, and names a step by a simple rule: each
+score is scaled to [0, 1] over the run's snapshots (a score that does not change counts
+0), and the step with the highest sum of the two wins, the earliest on a tie. It is the
+point of the trade-off nearest to the best of both; the table is the main output, and
+the pictures (`OUTPUT_DIR/scores/step-NNNNNN/`, and the run's `samples/progress.png`)
+may well say otherwise.
 
 CLIP comes from KerasHub, whose weights download like keras-cv's; with
 `--random-weights` the same CLIP classes are built with random weights, and the scores
@@ -28,10 +40,15 @@ OpenAI's CLIP.) Results print as a table and go to `OUTPUT_DIR/eval.json`.
 """
 
 import argparse
+import csv
+import glob
 import json
 import os
+import re
 import sys
+from typing import NamedTuple
 
+import keras
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,11 +71,19 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Score a learned embedding with CLIP, as the textual-inversion paper did."
     )
-    parser.add_argument(
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--embedding",
-        required=True,
         metavar="FILE",
-        help="The embedding file (.safetensors) to score (required).",
+        help="The embedding file (.safetensors) to score (this or --run is required).",
+    )
+    what.add_argument(
+        "--run",
+        metavar="OUTPUT_DIR",
+        help="A training run's folder: score each of its snapshots, write scores.csv and "
+        "scores.png into it (its images into OUTPUT_DIR/scores/), and name the step with "
+        "the highest sum of the two scores, each scaled to [0, 1] over the snapshots "
+        "(--output-dir is not used).",
     )
     parser.add_argument(
         "--images",
@@ -161,47 +186,72 @@ def without_token(prompt, token, num_vectors=1):
     return " ".join(prompt.split())
 
 
-def evaluate(args):
+class Scorer(NamedTuple):
+    """What scoring an embedding needs, built once: Stable Diffusion with the
+    embedding's token, CLIP, and the CLIP embeddings of the training images."""
+
+    stable_diffusion: object
+    tokenizer: object
+    clip: tuple
+    training: np.ndarray
+    prompts: list
+    placeholder_token_ids: list
+
+
+def build_scorer(args, embedding, path):
+    keras.utils.set_random_seed(args.seed)  # with --random-weights, the same weights
     tokenizer = ti.build_tokenizer()
-    embedding = saving.load_embedding(args.embedding)
-    new_rows = drawing.add_embeddings(tokenizer, [embedding], [args.embedding])
+    new_rows = drawing.add_embeddings(tokenizer, [embedding], [path])
     prompts = drawing.prompts_with_tokens(args.prompt, tokenizer, [embedding])
     # CLIP's preprocessing: a square center crop at 224 px, pixel values 0..255.
     training_files = ti.resolve_image_files(args.images)
-    training_images = (ti.load_images(training_files, CLIP_IMAGE_SIZE) + 1) * 127.5
-    os.makedirs(args.output_dir, exist_ok=True)
-
+    training_images = ti.load_images(training_files, CLIP_IMAGE_SIZE, warn_if_small=False)
+    training_images = (training_images + 1) * 127.5
     stable_diffusion = drawing.build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
-    generated = {}
-    for prompt in prompts:
-        images = stable_diffusion.text_to_image(
-            prompt, batch_size=args.num_images, num_steps=args.sample_steps, seed=args.seed
-        )
-        ti.save_images(images, os.path.join(args.output_dir, "eval", f"{ti.slugify(prompt)}.png"))
-        generated[prompt] = images
-
     clip = build_clip(args.random_weights)
-    training = clip_image_embeddings(clip, training_images)
-    per_prompt = []
-    for prompt, images in generated.items():
-        text_prompt = without_token(prompt, embedding.token, len(embedding.vectors))
-        scores = clip_scores(
-            clip_image_embeddings(clip, images),
-            training,
-            clip_text_embeddings(clip, tokenizer, [text_prompt])[0],
-        )
-        per_prompt.append(dict(prompt=prompt, text_prompt=text_prompt, **scores))
-
     placeholder_token_ids = [
         tokenizer.encoder[name]
         for name in ti.placeholder_names(embedding.token, len(embedding.vectors))
     ]
+    training = clip_image_embeddings(clip, training_images)
+    return Scorer(stable_diffusion, tokenizer, clip, training, prompts, placeholder_token_ids)
+
+
+def score(scorer, embedding, args, images_dir):
+    """The paper's two scores of the embedding the scorer's model holds, per prompt;
+    each prompt's images are written into `images_dir`."""
+    per_prompt = []
+    for prompt in scorer.prompts:
+        images = scorer.stable_diffusion.text_to_image(
+            prompt, batch_size=args.num_images, num_steps=args.sample_steps, seed=args.seed
+        )
+        ti.save_images(images, os.path.join(images_dir, f"{ti.slugify(prompt)}.png"))
+        text_prompt = without_token(prompt, embedding.token, len(embedding.vectors))
+        scores = clip_scores(
+            clip_image_embeddings(scorer.clip, images),
+            scorer.training,
+            clip_text_embeddings(scorer.clip, scorer.tokenizer, [text_prompt])[0],
+        )
+        per_prompt.append(dict(prompt=prompt, text_prompt=text_prompt, **scores))
+    means = {
+        key: float(np.mean([p[key] for p in per_prompt]))
+        for key in ("image_similarity", "text_similarity")
+    }
+    return means, per_prompt
+
+
+def evaluate(args):
+    if args.run:
+        return evaluate_run(args)
+    embedding = saving.load_embedding(args.embedding)
+    scorer = build_scorer(args, embedding, args.embedding)
+    os.makedirs(args.output_dir, exist_ok=True)
+    means, per_prompt = score(scorer, embedding, args, os.path.join(args.output_dir, "eval"))
     random_note = " (random weights)" if args.random_weights else ""
     result = {
         "embedding": args.embedding,
         "token": embedding.token,
-        "image_similarity": float(np.mean([p["image_similarity"] for p in per_prompt])),
-        "text_similarity": float(np.mean([p["text_similarity"] for p in per_prompt])),
+        **means,
         "per_prompt": per_prompt,
         "clip_model": CLIP_PRESET + random_note,
         "stable_diffusion": checkpoints.base_model_name(args.base_model) + random_note,
@@ -210,7 +260,9 @@ def evaluate(args):
         "seed": args.seed,
         "resolution": args.resolution,
         "nearest_words": watching.report_nearest_words(
-            tokenizer, ti.token_matrix(stable_diffusion.text_encoder), placeholder_token_ids
+            scorer.tokenizer,
+            ti.token_matrix(scorer.stable_diffusion.text_encoder),
+            scorer.placeholder_token_ids,
         ),
     }
     print(f"{'prompt':<50} {'image sim':>9} {'text sim':>9}")
@@ -222,6 +274,131 @@ def evaluate(args):
         json.dump(result, f, indent=2)
     print(f"Wrote {path}.")
     return result
+
+
+"""
+## Every snapshot of a run
+
+The models are built once, with the first snapshot's vectors; each further snapshot's
+vectors are written into the same rows of the token matrix, so that its images are
+those a fresh model loaded with that file alone would draw.
+"""
+
+
+def run_snapshots(run_dir):
+    """The run's snapshots, in step order: [(step, path, embedding)]."""
+    paths = glob.glob(os.path.join(run_dir, saving.SNAPSHOTS_DIR, "step-*.safetensors"))
+    snapshots = []
+    for path in paths:
+        match = re.fullmatch(r"step-(\d+)\.safetensors", os.path.basename(path))
+        if match:
+            snapshots.append((int(match.group(1)), path, saving.load_embedding(path)))
+    if not snapshots:
+        raise ti.UserError(
+            f"{run_dir} has no snapshots ({saving.SNAPSHOTS_DIR}/step-NNNNNN.safetensors); "
+            "pass the --output-dir of a run that kept them (without --no-snapshots), or "
+            "score one file with --embedding."
+        )
+    snapshots.sort(key=lambda snapshot: snapshot[0])
+    first = snapshots[0][2]
+    for _, path, embedding in snapshots:
+        if embedding.token != first.token or embedding.vectors.shape != first.vectors.shape:
+            raise ti.UserError(
+                f"{path} holds {embedding.token} ({len(embedding.vectors)} vectors), but "
+                f"{snapshots[0][1]} holds {first.token} ({len(first.vectors)}); a run's "
+                "snapshots are of one token: score the others with --embedding."
+            )
+    return snapshots
+
+
+def write_vectors(stable_diffusion, placeholder_token_ids, vectors):
+    """Puts `vectors` into the placeholder's rows of the model's token matrix."""
+    layer = ti.get_embedding_layer(stable_diffusion.text_encoder).token_embedding
+    matrix = layer.get_weights()[0]
+    matrix[np.array(placeholder_token_ids)] = ti.rows_in_id_order(vectors, placeholder_token_ids)
+    layer.set_weights([matrix])
+
+
+def scaled(values):
+    """`values` scaled to [0, 1]; all 0 if they do not change."""
+    low, high = min(values), max(values)
+    return [0.0 if high == low else (value - low) / (high - low) for value in values]
+
+
+def recommended_step(rows):
+    """The step of `rows` ({step, image_similarity, text_similarity}) with the highest
+    sum of the two scores, each scaled to [0, 1] over the rows; the earliest on a tie."""
+    image = scaled([row["image_similarity"] for row in rows])
+    text = scaled([row["text_similarity"] for row in rows])
+    best = max(range(len(rows)), key=lambda i: (image[i] + text[i], -rows[i]["step"]))
+    return rows[best]["step"]
+
+
+def plot_scores(rows, best_step, path):
+    """Both scores against the step, and the paper's trade-off: one against the other."""
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in rows]
+    image = [row["image_similarity"] for row in rows]
+    text = [row["text_similarity"] for row in rows]
+    figure, (over_steps, trade_off) = plt.subplots(1, 2, figsize=(10, 4))
+    over_steps.plot(steps, image, "o-", color="tab:blue", label="image similarity")
+    over_steps.set_xlabel("step")
+    over_steps.set_ylabel("image similarity", color="tab:blue")
+    text_axis = over_steps.twinx()
+    text_axis.plot(steps, text, "s-", color="tab:orange", label="text similarity")
+    text_axis.set_ylabel("text similarity", color="tab:orange")
+    over_steps.axvline(best_step, color="gray", linestyle=":", label=f"step {best_step}")
+    over_steps.set_title("the scores of each snapshot")
+    trade_off.plot(image, text, "-", color="lightgray")
+    trade_off.scatter(image, text, c=steps, cmap="viridis")
+    for step, x, y in zip(steps, image, text):
+        trade_off.annotate(str(step), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    best = steps.index(best_step)
+    trade_off.scatter([image[best]], [text[best]], marker="*", s=200, color="red",
+                      label=f"recommended: step {best_step}")  # fmt: skip
+    trade_off.set_xlabel("image similarity (looks like the photos)")
+    trade_off.set_ylabel("text similarity (follows the prompt)")
+    trade_off.set_title("the trade-off (Gal et al., 2022)")
+    trade_off.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def evaluate_run(args):
+    snapshots = run_snapshots(args.run)
+    _, first_path, first = snapshots[0]
+    scorer = build_scorer(args, first, first_path)
+    rows = []
+    progress = keras.utils.Progbar(len(snapshots), unit_name="snapshot")
+    for done, (step, path, embedding) in enumerate(snapshots, start=1):
+        write_vectors(scorer.stable_diffusion, scorer.placeholder_token_ids, embedding.vectors)
+        images_dir = os.path.join(args.run, "scores", f"step-{step:06d}")
+        means, _ = score(scorer, embedding, args, images_dir)
+        rows.append(dict(step=step, **means))
+        progress.update(done)
+
+    best_step = recommended_step(rows)
+    csv_path = os.path.join(args.run, "scores.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "image_similarity", "text_similarity"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_path = os.path.join(args.run, "scores.png")
+    plot_scores(rows, best_step, plot_path)
+    print(f"{'step':>8} {'image sim':>9} {'text sim':>9}")
+    for row in rows:
+        mark = "  <- recommended" if row["step"] == best_step else ""
+        scores = f"{row['image_similarity']:>9.3f} {row['text_similarity']:>9.3f}"
+        print(f"{row['step']:>8} {scores}{mark}")
+    best_path = saving.snapshot_paths(args.run, best_step)[0]
+    print(
+        f"Recommended: step {best_step} ({best_path}), the highest sum of the two scores, "
+        "each scaled to [0, 1] over the snapshots; look at the pictures too. "
+        f"Wrote {csv_path} and {plot_path}."
+    )
+    return rows, best_step
 
 
 if __name__ == "__main__":
