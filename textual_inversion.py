@@ -23,6 +23,7 @@ beyond it follows, reached through flags; the command line comes last.
 """
 
 import argparse
+import errno
 import functools
 import math
 import os
@@ -862,9 +863,8 @@ two image sets are used; with them, the tutorial's group photos are left out unl
 
 # HEIC and AVIF, as phones write them, are listed so that a folder of them is not
 # silently empty: a file Pillow cannot open is refused by name, with what to do.
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif",
-)  # fmt: skip
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS += (".heic", ".heif", ".avif")
 
 
 def synthetic_image_file(url):
@@ -1342,186 +1342,139 @@ def build_parser():
     )
     concept = parser.add_argument_group("the concept")
     concept.add_argument(
-        "--images",
-        nargs="+",
-        default=SINGLE_IMAGE_URLS,
-        metavar="IMAGE",
+        "--images", nargs="+", default=SINGLE_IMAGE_URLS, metavar="IMAGE",
         help="Images of the concept: URLs, files or folders (default: the tutorial's 5 "
         "photos of a cat doll).",
-    )
+    )  # fmt: skip
     concept.add_argument(
-        "--group-images",
-        nargs="*",
-        default=None,
-        metavar="IMAGE",
+        "--group-images", nargs="*", default=None, metavar="IMAGE",
         help="Images of a group of the concept, trained with the group prompts; the flag "
         "alone uses none (default: the tutorial's 3 group photos when --images is the "
         "tutorial's, else none).",
-    )
+    )  # fmt: skip
     concept.add_argument(
-        "--prompts",
-        nargs="+",
-        default=None,
-        metavar="TEMPLATE",
+        "--prompts", nargs="+", default=None, metavar="TEMPLATE",
         help="Prompt templates for --images, {} standing for the token; an image x.jpg "
         "with a caption file x.txt beside it trains with that caption instead (default: "
         "the tutorial's 25 object prompts, or 16 style prompts with --learnable-property "
         "style).",
-    )
+    )  # fmt: skip
     concept.add_argument(
-        "--learnable-property",
-        choices=["object", "style"],
-        default="object",
+        "--learnable-property", choices=["object", "style"], default="object",
         help="Teach an object or a style; sets the default prompts (default: %(default)s).",
-    )
+    )  # fmt: skip
     concept.add_argument(
-        "--placeholder-token",
-        default=PLACEHOLDER_TOKEN,
+        "--placeholder-token", default=PLACEHOLDER_TOKEN,
         help="The new token, one lowercase word that is not in the vocabulary "
         "(default: %(default)s).",
-    )
+    )  # fmt: skip
     concept.add_argument(
-        "--initializer-token",
-        default=INITIALIZER_TOKEN,
+        "--initializer-token", default=INITIALIZER_TOKEN,
         help="A one-token word whose embedding the new token starts from "
         "(default: %(default)s).",
-    )
+    )  # fmt: skip
     concept.add_argument(
-        "--num-vectors",
-        type=int,
-        default=1,
+        "--num-vectors", type=int, default=1,
         help="Learn the concept as this many consecutive new tokens, each its own "
         "vector, all starting from the initializer word (default: %(default)s, the "
         "tutorial's).",
-    )
+    )  # fmt: skip
     training = parser.add_argument_group("training")
     training.add_argument(
-        "--epochs",
-        type=int,
-        default=EPOCHS,
+        "--epochs", type=int, default=EPOCHS,
         help="Epochs to train; an epoch is every prompt 5 times, 250 steps with the "
         "tutorial's images (default: %(default)s).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--max-train-steps",
-        type=int,
-        default=None,
+        "--max-train-steps", type=int, default=None,
         help="Stop after this many training steps (batches) in all, if that is fewer "
         "than --epochs makes (default: no limit).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--learning-rate",
-        type=float,
-        default=LEARNING_RATE,
+        "--learning-rate", type=float, default=LEARNING_RATE,
         help="Where the cosine decay of the learning rate starts (default: %(default)s).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--batch-size",
-        type=int,
-        default=BATCH_SIZE,
+        "--batch-size", type=int, default=BATCH_SIZE,
         help="Images per step; with --distribute, over all devices (default: %(default)s).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--gradient-accumulation-steps",
-        type=int,
-        default=1,
+        "--gradient-accumulation-steps", type=int, default=1,
         help="Split each batch into this many micro-batches, run one after the other, "
         "for one update: the memory of a smaller batch (default: %(default)s).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--cache-latents",
-        action="store_true",
+        "--cache-latents", action="store_true",
         help=f"Encode {CACHED_VIEWS} augmented views of each image once, before training, "
         "instead of a new crop at every step: faster, less varied (default: off).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
+        "--gradient-checkpointing", action="store_true",
         help="Recompute each UNet block's forward in the backward instead of keeping "
         "it: less memory, a slower step (default: off).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--resolution",
-        type=int,
-        default=RESOLUTION,
+        "--resolution", type=int, default=RESOLUTION,
         help="Image size in pixels, a multiple of 128 (default: %(default)s).",
-    )
+    )  # fmt: skip
     training.add_argument(
-        "--seed",
-        type=int,
-        default=SEED,
+        "--seed", type=int, default=SEED,
         help="Seed of the data order, the noise and the sample images; the same seed "
         "gives the same run (default: %(default)s).",
-    )
+    )  # fmt: skip
     output = parser.add_argument_group("what a run writes")
     output.add_argument(
-        "--output-dir",
-        default=OUTPUT_DIR,
+        "--output-dir", default=OUTPUT_DIR,
         help="Folder for the embedding, samples, loss log and final images "
         "(default: %(default)s).",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--sample-every",
-        type=int,
-        default=SAMPLE_EVERY,
+        "--sample-every", type=int, default=SAMPLE_EVERY,
         help="Draw the sample prompts every this many epochs; 0: never " "(default: %(default)s).",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--sample-prompts",
-        nargs="+",
-        default=SAMPLE_PROMPTS,
-        metavar="TEMPLATE",
+        "--sample-prompts", nargs="+", default=SAMPLE_PROMPTS, metavar="TEMPLATE",
         help="Prompt templates of the sample images, {} standing for the token "
         "(default: the tutorial's: " + "; ".join(SAMPLE_PROMPTS) + ").",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--sample-steps",
-        type=int,
-        default=SAMPLE_STEPS,
+        "--sample-steps", type=int, default=SAMPLE_STEPS,
         help="Diffusion steps per sample and final image (default: %(default)s).",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--save-every",
-        type=int,
-        default=1,
+        "--save-every", type=int, default=1,
         help=f"Save the learned embedding ({saving.EMBEDDING_FILE}) and the training state "
         f"({saving.TRAINING_STATE_FILE}) every this many epochs, and always at the end; 0: "
         "only at the end (default: %(default)s).",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--save-every-steps",
-        type=int,
-        default=saving.SAVE_EVERY_STEPS,
+        "--save-every-steps", type=int, default=saving.SAVE_EVERY_STEPS,
         help="Also save them every this many steps, so that a run killed without "
         "warning (kill -9, out of memory, a Colab disconnect) loses at most as many "
         "steps; a save writes a few kilobytes. 0: only every --save-every epochs "
         "(default: %(default)s).",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--snapshots",
-        action=argparse.BooleanOptionalAction,
-        default=True,
+        "--snapshots", action=argparse.BooleanOptionalAction, default=True,
         help="Keep each epoch's save and the last as snapshots/step-NNNNNN.safetensors "
         "with its training state, a few kilobytes each, to choose the best step "
         "afterwards (tools/evaluate.py --run); --no-snapshots keeps none "
         "(default: keep them).",
-    )
+    )  # fmt: skip
     output.add_argument(
-        "--resume",
-        metavar="EMBEDDING_FILE",
+        "--resume", metavar="EMBEDDING_FILE",
         help=f"Go on from a saved embedding ({saving.EMBEDDING_FILE} or a snapshot) and the "
         "step it reached, instead of starting from the initializer word. With the training "
         "state saved with it, the run goes on exactly as if it had not stopped "
         "(default: start afresh).",
-    )
+    )  # fmt: skip
     machine = parser.add_argument_group("machine")
     add_machine_flags(machine)
     machine.add_argument(
-        "--distribute",
-        action="store_true",
+        "--distribute", action="store_true",
         help="Train data-parallel on all GPUs with MirroredStrategy; --batch-size is "
         "split evenly among them (default: off).",
-    )
+    )  # fmt: skip
     return parser
 
 
@@ -1534,66 +1487,53 @@ def parse_args(argv=None):
 def add_machine_flags(parser):
     """Flags that say how to run the models, shared with the tools."""
     parser.add_argument(
-        "--precision",
-        choices=hardware.PRECISIONS,
-        default="auto",
+        "--precision", choices=hardware.PRECISIONS, default="auto",
         help="Keras dtype policy of the models; auto: mixed_bfloat16 on GPUs of compute "
         "capability 8.0+ and CPUs with bfloat16 arithmetic, mixed_float16 (with loss "
         "scaling) on older GPUs, float32 elsewhere (default: %(default)s).",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--xla",
-        choices=["auto", "on", "off"],
-        default="auto",
+        "--xla", choices=["auto", "on", "off"], default="auto",
         help="Compile the models with XLA; auto: on a GPU, and not with --distribute "
         "(default: %(default)s).",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--base-model",
-        metavar="PATH",
+        "--base-model", metavar="PATH",
         help="An SD 1.x checkpoint to use instead of KerasCV's v1.4 weights: a "
         ".safetensors file in the original (CompVis) layout, such as "
         "v1-5-pruned-emaonly.safetensors, or a diffusers folder; nothing is downloaded "
         "(default: KerasCV's v1.4, downloaded once).",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--random-weights",
-        action="store_true",
+        "--random-weights", action="store_true",
         help="Build the KerasCV models with random weights and download nothing (image "
         "URLs not in the Keras cache become synthetic stand-ins): for smoke runs and "
         "tests; the images are noise (default: off).",
-    )
+    )  # fmt: skip
 
 
 def add_drawing_flags(parser, images_flag, images_default):
     """Adds the flags that the drawing tools share; `images_flag` is their name for
     the number of images per prompt."""
     parser.add_argument(
-        images_flag,
-        type=int,
-        default=images_default,
+        images_flag, type=int, default=images_default,
         help="Images per prompt (default: %(default)s).",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--sample-steps",
-        type=int,
-        default=SAMPLE_STEPS,
+        "--sample-steps", type=int, default=SAMPLE_STEPS,
         help="Diffusion steps per image (default: %(default)s).",
-    )
+    )  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=SEED, help="Seed of the images (default: %(default)s)."
     )
     parser.add_argument(
-        "--resolution",
-        type=int,
-        default=RESOLUTION,
+        "--resolution", type=int, default=RESOLUTION,
         help="Image size in pixels, a multiple of 128 (default: %(default)s).",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--output-dir",
-        default=OUTPUT_DIR,
+        "--output-dir", default=OUTPUT_DIR,
         help="Folder the images and reports go into (default: %(default)s).",
-    )
+    )  # fmt: skip
     add_machine_flags(parser)
 
 
@@ -1800,9 +1740,7 @@ class CommandLineRun(TutorialRun):
             self.initial_step = int(saved_step)
             # A run with no steps left is refused now, before the models are built.
             epoch_steps = steps_per_epoch(sets, args.batch_size)
-            run_control.planned_steps(
-                epoch_steps, args.epochs, args.max_train_steps, self.initial_step
-            )
+            run_control.planned_steps(epoch_steps, args.epochs, args.max_train_steps, saved_step)
         return sets
 
     def build_stable_diffusion(self, tokenizer):
@@ -1832,23 +1770,11 @@ class CommandLineRun(TutorialRun):
         )
         hardware.keep_freed_memory()
 
-    def train(self, stable_diffusion, sets, placeholder_token_ids):
-        try:
-            return self.train_and_report(stable_diffusion, sets, placeholder_token_ids)
-        except OSError as error:  # a full disk, outside a save
-            raise self.write_failure(error) from None
-
-    def spin(self, stable_diffusion):
-        try:
-            super().spin(stable_diffusion)
-        except OSError as error:
-            raise self.write_failure(error) from None
-
     def write_failure(self, error):
         saved_step = self.saver.saved_step if self.saver else None
         return saving.write_failure(error, self.args.output_dir, saved_step, self.total_steps)
 
-    def train_and_report(self, stable_diffusion, sets, placeholder_token_ids):
+    def train(self, stable_diffusion, sets, placeholder_token_ids):
         args, initial_step = self.args, self.initial_step
         if args.cache_latents:
             latent_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
@@ -1858,12 +1784,10 @@ class CommandLineRun(TutorialRun):
         total_steps = run_control.planned_steps(
             epoch_steps, args.epochs, args.max_train_steps, initial_step
         )
-        self.total_steps = total_steps
+        self.total_steps, sampling = total_steps, (args.sample_steps, args.seed)
         if args.sample_every and not initial_step:
             for prompt in sample_prompts:  # before training, as the tutorial does
-                draw_samples(
-                    stable_diffusion, prompt, 0, args.output_dir, args.sample_steps, args.seed
-                )
+                draw_samples(stable_diffusion, prompt, 0, args.output_dir, *sampling)
 
         learning_rate = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=args.learning_rate, decay_steps=epoch_steps * args.epochs
@@ -1933,7 +1857,13 @@ class CommandLineRun(TutorialRun):
 
 
 def main(argv=None):
-    return run_tutorial(CommandLineRun(parse_args(argv)))
+    run = CommandLineRun(parse_args(argv))
+    try:
+        return run_tutorial(run)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise run.write_failure(error) from None  # a full disk outside a save
 
 
 if __name__ == "__main__":

@@ -17,63 +17,85 @@ from conftest import RESOLUTION, import_tool
 evaluate = import_tool("evaluate")
 
 TOKEN = "<my-eval-token>"
-STEPS = (5, 10)
+STEPS = (50, 100, 150)
 SMALL = [
     "--random-weights", "--resolution", str(RESOLUTION), "--num-images", "1",
-    "--sample-steps", "1", "--prompt", "a photo of a {}", "--precision", "float32",
+    "--sample-steps", "2", "--prompt", "a photo of a {}", "--precision", "float32",
 ]  # fmt: skip
 
 
-def write_snapshots(run_dir, steps=STEPS, token=TOKEN):
-    rng = np.random.default_rng(0)
-    for step in steps:
+def write_snapshots(run_dir, steps=STEPS, token=TOKEN, num_vectors=1):
+    """Snapshots as a run writes them, the later steps first (a folder lists its files
+    in no particular order); each a different random vector."""
+    for step in sorted(steps, reverse=True):
         path, _ = saving.snapshot_paths(str(run_dir), step)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        vectors = rng.normal(scale=0.3, size=(1, 768)).astype("float32")
+        rng = np.random.default_rng(step)
+        vectors = rng.normal(scale=0.3, size=(num_vectors, 768)).astype("float32")
         saving.save_embedding(path, token, vectors, {"step": step})
 
 
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, image_folder):
-    """A run folder with two snapshots, scored with --run; then the second snapshot
+    """A run folder with three snapshots, scored with --run; then the last snapshot
     scored alone with --embedding, in a model built for it alone."""
     run_dir = tmp_path_factory.mktemp("run")
     write_snapshots(run_dir)
     rows, best_step = evaluate.evaluate(
         evaluate.parse_args(["--run", str(run_dir), "--images", image_folder, *SMALL])
     )
-    second, _ = saving.snapshot_paths(str(run_dir), STEPS[1])
+    last, _ = saving.snapshot_paths(str(run_dir), STEPS[-1])
     alone = evaluate.evaluate(
         evaluate.parse_args(
-            ["--embedding", second, "--images", image_folder, *SMALL,
+            ["--embedding", last, "--images", image_folder, *SMALL,
              "--output-dir", str(tmp_path_factory.mktemp("alone"))]
         )  # fmt: skip
     )
     return run_dir, rows, best_step, alone
 
 
-def test_the_run_writes_a_row_per_snapshot_in_step_order_and_the_plot(scored_run):
-    run_dir, rows, best_step, _ = scored_run
+def test_the_run_writes_a_table_with_a_row_per_snapshot_in_step_order(scored_run):
+    run_dir, rows, _, _ = scored_run
     with open(run_dir / "scores.csv") as f:
         table = list(csv.DictReader(f))
     assert [int(row["step"]) for row in table] == list(STEPS)
     for row, returned in zip(table, rows):
         assert float(row["image_similarity"]) == pytest.approx(returned["image_similarity"])
-    assert plt.imread(run_dir / "scores.png").shape[1] > 0
-    assert best_step in STEPS
-    for step in STEPS:  # each snapshot's pictures, to look at
-        assert os.listdir(run_dir / "scores" / f"step-{step:06d}")
+        assert float(row["text_similarity"]) == pytest.approx(returned["text_similarity"])
+
+
+def test_the_run_writes_a_plot_of_the_scores(scored_run):
+    run_dir, _, _, _ = scored_run
+    with open(run_dir / "scores.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    height, width = plt.imread(run_dir / "scores.png").shape[:2]
+    assert height > 100 and width > 100
+
+
+def test_the_run_keeps_each_snapshots_images_to_look_at(scored_run):
+    run_dir, _, _, _ = scored_run
+    for step in STEPS:
+        folder = run_dir / "scores" / f"step-{step:06d}"
+        (name,) = os.listdir(folder)  # one prompt
+        assert plt.imread(folder / name).shape[:2] == (RESOLUTION, RESOLUTION)  # one image
 
 
 def test_each_row_is_the_score_the_snapshot_gets_alone(scored_run):
-    """The second snapshot, scored in the model built with the first's vectors and then
-    given its own, scores as in a model built for it alone: the same images, bit for bit
-    (in float32; in mixed_bfloat16 a process's first build rounds differently, by 1e-4)."""
+    """The last snapshot, scored in the model built with the first's vectors and then
+    given each one's in turn, scores as in a model built for it alone: the same images,
+    bit for bit (in float32; in mixed_bfloat16 a process's first build rounds
+    differently, by 1e-4). Both builds are seeded: with --random-weights, the same
+    weights."""
     _, rows, _, alone = scored_run
-    assert rows[1]["image_similarity"] == alone["image_similarity"]
-    assert rows[1]["text_similarity"] == alone["text_similarity"]
+    assert rows[-1]["image_similarity"] == alone["image_similarity"]
+    assert rows[-1]["text_similarity"] == alone["text_similarity"]
     # The snapshots' vectors differ, and so do their scores: the rows were not one model's.
-    assert rows[0]["image_similarity"] != rows[1]["image_similarity"]
+    assert len({row["image_similarity"] for row in rows}) == len(STEPS)
+
+
+def test_the_run_recommends_the_step_the_rule_gives_for_its_table(scored_run):
+    _, rows, best_step, _ = scored_run
+    assert best_step == evaluate.recommended_step(rows)
 
 
 def row(step, image, text):
@@ -82,14 +104,34 @@ def row(step, image, text):
 
 def test_the_recommended_step_has_the_highest_sum_of_the_two_scaled_scores():
     rows = [row(10, 0.50, 0.30), row(20, 0.70, 0.28), row(30, 0.80, 0.20)]
-    # Scaled: image 0, 2/3, 1; text 1, 0.8, 0: sums 1, 1.47, 1.
+    # Scaled: image 0, 2/3, 1; text 1, 0.8, 0: sums 1, 1.47, 1. Unscaled, the sums
+    # would be 0.80, 0.98, 1.00, and step 30 would win.
     assert evaluate.recommended_step(rows) == 20
 
 
-def test_a_tie_recommends_the_earliest_step_and_one_snapshot_itself():
+def test_a_score_that_does_not_change_counts_zero_for_every_step():
+    # The image score is constant: the text score alone decides.
+    assert evaluate.recommended_step([row(1, 0.5, 0.2), row(2, 0.5, 0.3)]) == 2
+
+
+def test_a_tie_recommends_the_earliest_step():
+    # Scaled: image 0, 1; text 1, 0: both sum to 1.
     assert evaluate.recommended_step([row(10, 0.5, 0.3), row(20, 0.7, 0.1)]) == 10
+
+
+def test_a_single_snapshot_is_recommended():
     assert evaluate.recommended_step([row(7, 0.5, 0.3)]) == 7
-    assert evaluate.recommended_step([row(1, 0.5, 0.3), row(2, 0.5, 0.2)]) == 1
+
+
+def test_only_the_step_files_of_the_snapshots_folder_count_in_step_order(tmp_path):
+    steps = (3, 1000, 20, 5, 10)
+    write_snapshots(tmp_path, steps=steps)
+    states = tmp_path / saving.SNAPSHOTS_DIR / "states"
+    states.mkdir()
+    (states / "step-000007.safetensors").write_bytes(b"a training state")
+    (tmp_path / saving.SNAPSHOTS_DIR / "step-000008.safetensors.partial").write_bytes(b"")
+    snapshots = evaluate.run_snapshots(str(tmp_path))
+    assert [step for step, _, _ in snapshots] == sorted(steps)
 
 
 def test_a_folder_without_snapshots_is_refused_by_name(tmp_path, image_folder):
@@ -99,8 +141,15 @@ def test_a_folder_without_snapshots_is_refused_by_name(tmp_path, image_folder):
     assert f"{tmp_path} has no snapshots" in message and "\n" not in message
 
 
-def test_snapshots_of_two_tokens_in_one_folder_are_refused(tmp_path, image_folder):
+def test_snapshots_of_two_tokens_in_one_folder_are_refused(tmp_path):
     write_snapshots(tmp_path, steps=(1,))
     write_snapshots(tmp_path, steps=(2,), token="<another-token>")
     with pytest.raises(ti.UserError, match="a run's snapshots are of one token"):
+        evaluate.run_snapshots(str(tmp_path))
+
+
+def test_snapshots_of_two_vector_counts_in_one_folder_are_refused(tmp_path):
+    write_snapshots(tmp_path, steps=(1,))
+    write_snapshots(tmp_path, steps=(2,), num_vectors=2)
+    with pytest.raises(ti.UserError, match=r"\(2 vectors\).*a run's snapshots are of one token"):
         evaluate.run_snapshots(str(tmp_path))

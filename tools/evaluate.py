@@ -75,15 +75,19 @@ def build_parser():
     what.add_argument(
         "--embedding",
         metavar="FILE",
-        help="The embedding file (.safetensors) to score (this or --run is required).",
+        help="The embedding file (.safetensors) to score (default: none; this or --run "
+        "is required).",
     )
     what.add_argument(
         "--run",
         metavar="OUTPUT_DIR",
-        help="A training run's folder: score each of its snapshots, write scores.csv and "
-        "scores.png into it (its images into OUTPUT_DIR/scores/), and name the step with "
-        "the highest sum of the two scores, each scaled to [0, 1] over the snapshots "
-        "(--output-dir is not used).",
+        help="A training run's folder: score each of its snapshots "
+        "(snapshots/step-NNNNNN.safetensors), the models built once; write scores.csv and "
+        "scores.png into it (each snapshot's images into OUTPUT_DIR/scores/), and "
+        "recommend the step with the highest sum of the two scores, each scaled to "
+        "[0, 1] over the snapshots (min-max; a constant score counts 0), the earliest on "
+        "a tie. The table is the main output: look at the images, you may disagree "
+        "(default: none; --output-dir is not used).",
     )
     parser.add_argument(
         "--images",
@@ -371,10 +375,11 @@ def evaluate_run(args):
     _, first_path, first = snapshots[0]
     scorer = build_scorer(args, first, first_path)
     rows = []
+    images_root = os.path.join(args.run, "scores")
     progress = keras.utils.Progbar(len(snapshots), unit_name="snapshot")
     for done, (step, path, embedding) in enumerate(snapshots, start=1):
         write_vectors(scorer.stable_diffusion, scorer.placeholder_token_ids, embedding.vectors)
-        images_dir = os.path.join(args.run, "scores", f"step-{step:06d}")
+        images_dir = os.path.join(images_root, f"step-{step:06d}")
         means, _ = score(scorer, embedding, args, images_dir)
         rows.append(dict(step=step, **means))
         progress.update(done)
@@ -394,10 +399,11 @@ def evaluate_run(args):
         print(f"{row['step']:>8} {scores}{mark}")
     best_path = saving.snapshot_paths(args.run, best_step)[0]
     print(
-        f"Recommended: step {best_step} ({best_path}), the highest sum of the two scores, "
-        "each scaled to [0, 1] over the snapshots; look at the pictures too. "
-        f"Wrote {csv_path} and {plot_path}."
+        f"Recommended: step {best_step} ({best_path}), the highest sum of the two scores "
+        "each scaled to [0, 1] over the snapshots (a constant one counts 0), the earliest "
+        "on a tie; the table is the main output, and the images may well say otherwise."
     )
+    print(f"Wrote {csv_path}, {plot_path} and the images in {images_root}.")
     return rows, best_step
 
 
