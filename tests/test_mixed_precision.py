@@ -193,12 +193,19 @@ def test_auto_precision_is_float16_with_loss_scaling_on_a_t4_and_bfloat16_on_an_
     assert hardware.choose_precision(("Tesla K80", (3, 7)), {"amx_bf16"})[0] == "float32"
 
 
-def test_an_explicit_precision_is_kept_and_auto_says_what_it_chose(capsys):
+def test_an_explicit_precision_is_kept_as_given_and_silently(capsys):
     assert hardware.resolve_precision("mixed_float16") == "mixed_float16"
     assert capsys.readouterr().out == ""
-    chosen = hardware.resolve_precision("auto")
-    assert chosen in hardware.PRECISIONS and chosen != "auto"
-    assert f"--precision auto: {chosen}, as " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, expected", [({"avx2", "fma"}, "float32"), ({"avx2", "amx_bf16"}, "mixed_bfloat16")]
+)
+def test_auto_precision_follows_this_cpus_flags_and_says_why(flags, expected, monkeypatch, capsys):
+    monkeypatch.setattr(hardware, "gpu_facts", lambda: None)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    assert hardware.resolve_precision("auto") == expected
+    assert capsys.readouterr().out.startswith(f"--precision auto: {expected}, as ")
 
 
 KEPT_MEMORY_CHECK = """
