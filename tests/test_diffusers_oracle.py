@@ -8,30 +8,30 @@ diffusers' random draws put in through the trainer's `standard_normal` and
 `random_timesteps`. Bad files are refused in one sentence, and the command line trains
 and draws on such a file.
 
-Memory: the PyTorch references are computed first and freed; then the KerasCV models
-are built (about 11 GB at the peak). The command line's run of the checkpoint
-(conftest.py) starts earlier, beside the other command-line runs.
+Memory: the PyTorch references are computed first, in a process of their own
+(tests/diffusers_reference.py); then the KerasCV models are built in this one. The
+command line's run of the checkpoint (conftest.py) starts earlier, beside the other
+command-line runs.
 """
 
-import gc
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import textual_inversion as ti
-from sd1x_checkpoint import (
-    CLIP_CONFIG, SEED, UNET_CONFIG, VAE_CONFIG, ldm_spec, write_safetensors,
-)  # fmt: skip
+from diffusers_reference import NEW_TOKEN, TIMESTEP_STEP, TIMESTEP_UNET
+from sd1x_checkpoint import SEED, ldm_spec, write_safetensors
 from textual_inversion_extras import checkpoints, saving, unet_backward
 from textual_inversion_extras.keras_internals import all_sublayers
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 RES = 128  # KerasCV models are built at 128 px: latents 16x16
 PLACEHOLDER = "<my-funny-cat-token>"
-NEW_TOKEN = 49408  # the row diffusers appends for the placeholder: the 49,409th
-TIMESTEP_UNET, TIMESTEP_STEP = 421, 613
 
 
 # ------------------------------------------------------------------ fixtures
@@ -73,110 +73,30 @@ def timestep_embedding(t, dim=320):
     return np.concatenate([np.cos(t * freqs), np.sin(t * freqs)])[None].astype(np.float32)
 
 
-def alphas_cumprod():
-    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2  # scaled_linear
-    return np.cumprod(1 - betas)
-
-
 @pytest.fixture(scope="module")
 def torch_ref(ckpt, inputs, tmp_path_factory):
-    """All reference outputs from diffusers/transformers; writes the diffusers folder; frees torch."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
+    """All reference outputs from diffusers/transformers (tests/diffusers_reference.py),
+    computed in a process of its own, and the diffusers folder it writes."""
     folder = tmp_path_factory.mktemp("diffusers")
-    sd = load_file(ckpt)
-
-    def save(sub, name, state):
-        os.makedirs(folder / sub, exist_ok=True)
-        state = {k: v.detach().to(torch.float16).contiguous().numpy() for k, v in state.items()}
-        write_safetensors(
-            str(folder / sub / name),
-            {k: ("F16", v.shape, lambda k, v=v: v) for k, v in state.items()},
-        )
-
-    def build(cls, config, state):
-        with torch.device("meta"):
-            model = cls(**config)
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-        return model.eval()
-
-    out = {}
-    text_sd = {
-        k: v for k, v in sfu.convert_ldm_clip_checkpoint(sd).items() if "position_ids" not in k
-    }
-    vae_sd = sfu.convert_ldm_vae_checkpoint(sd, VAE_CONFIG)
-    unet_sd = sfu.convert_ldm_unet_checkpoint(sd, UNET_CONFIG)
-    del sd
-    te = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
-    if not any(
-        k.startswith("text_model.") for k in te.state_dict()
-    ):  # transformers 5 dropped the wrapper
-        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-    save(
-        "text_encoder", "model.safetensors", text_sd
-    )  # in the installed transformers' own key names
-    save("vae", "diffusion_pytorch_model.safetensors", vae_sd)
-    save("unet", "diffusion_pytorch_model.safetensors", unet_sd)
-    te.load_state_dict({k: v.float() for k, v in text_sd.items()}, strict=True)
-    te.eval()
-    vae = build(AutoencoderKL, VAE_CONFIG, vae_sd)
-    del text_sd, vae_sd
-    unet = build(UNet2DConditionModel, UNET_CONFIG, unet_sd)
-    del unet_sd
-    gc.collect()
-    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
-    nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
-
-    with torch.no_grad():
-        ids = torch.from_numpy(inputs["prompt_ids"]).long()
-        out["text"] = te(ids)[0].numpy()
-        post = vae.encode(nchw(inputs["image"])).latent_dist
-        out["vae_mean"] = nhwc(post.mean)
-        out["decoded"] = nhwc(vae.decode(nchw(inputs["latents"]) / 0.18215).sample)
-        out["unet"] = nhwc(
-            unet(nchw(inputs["latents"]), TIMESTEP_UNET, torch.from_numpy(inputs["context"])).sample
-        )
-
-    # the textual-inversion step as in diffusers examples/textual_inversion
-    te.resize_token_embeddings(NEW_TOKEN + 1)
-    emb = te.get_input_embeddings().weight
-    with torch.no_grad():
-        emb[NEW_TOKEN] = emb[inputs["cat_id"]]
-    for p in list(te.parameters()) + list(unet.parameters()) + list(vae.parameters()):
-        p.requires_grad_(False)
-    emb.requires_grad_(True)
-    sched = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
-    )
-    with torch.no_grad():
-        post = vae.encode(nchw(inputs["image"])).latent_dist
-        latents = (
-            post.mean + post.std * nchw(inputs["eps"])
-        ) * 0.18215  # = latent_dist.sample() with eps
-    noise = nchw(inputs["noise"])
-    t = torch.tensor([TIMESTEP_STEP])
-    noisy = sched.add_noise(latents, noise, t)
-    hidden = te(torch.from_numpy(inputs["step_ids"]).long())[0]
-    pred = unet(noisy, t, hidden).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
-    loss.backward()
-    out["loss"] = float(loss.detach())
-    out["grad"] = emb.grad[NEW_TOKEN].numpy().copy()
-    out["folder"] = str(folder)
-    del te, vae, unet, emb, pred, hidden, loss, post
-    gc.collect()
+    arrays = {k: v for k, v in inputs.items() if k != "tokenizer"}
+    np.savez(folder / "inputs.npz", **arrays)
+    command = [
+        sys.executable, os.path.join(HERE, "diffusers_reference.py"), ckpt,
+        folder / "inputs.npz", folder / "model", folder / "outputs.npz",
+    ]  # fmt: skip
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(folder / "outputs.npz") as saved:
+        out = {name: saved[name] for name in saved.files}
+    out["loss"] = float(out["loss"])
+    out["folder"] = str(folder / "model")
     return out
 
 
 @pytest.fixture(scope="module")
 def km(torch_ref, loaded_stable_diffusion):
     """KerasCV's Stable Diffusion at 128 px, built and loaded as `--base-model` does it
-    (`build_base_model`, nothing downloaded), after the references freed PyTorch's."""
+    (`build_base_model`, nothing downloaded), once the references are computed."""
     return loaded_stable_diffusion
 
 
