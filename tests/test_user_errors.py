@@ -335,3 +335,45 @@ def test_a_failed_download_is_told_from_other_errors_by_its_type(tmp_path):
         keras.utils.get_file(origin="http://127.0.0.1:9/vocabulary.txt.gz", cache_dir=str(tmp_path))
     assert is_download_error(failed.value)
     assert not is_download_error(ValueError("a message that names a URL and a fetch failure"))
+
+
+def failing_download(*_, **__):
+    """What keras.utils.get_file raises offline: nothing listens on port 9."""
+    import keras
+
+    keras.utils.get_file(origin="http://127.0.0.1:9/file.gz", cache_dir="/nonexistent-cache")
+
+
+def test_an_offline_vocabulary_download_says_which_file_to_place_where(monkeypatch, tmp_path):
+    import keras_cv
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(keras_cv.models.stable_diffusion, "SimpleTokenizer", failing_download)
+    with pytest.raises(ti.UserError) as refused:
+        ti.build_tokenizer()
+    message = str(refused.value)
+    assert message.startswith("Could not download the CLIP vocabulary")
+    assert f"place bpe_simple_vocab_16e6.txt.gz in {tmp_path / 'keras' / 'datasets'}." in message
+
+
+def test_offline_weights_say_which_files_to_place_where_or_to_use_random_weights(
+    monkeypatch, tmp_path
+):
+    class Offline:
+        text_encoder = property(failing_download)
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(ti.UserError) as refused:
+        ti.sd_parts(Offline(), ["text_encoder"])
+    message = str(refused.value)
+    assert message.startswith("Could not download the Stable Diffusion weights")
+    assert "kcv_diffusion_model.h5" in message and str(tmp_path / "keras" / "datasets") in message
+    assert message.endswith("or use --random-weights for a smoke run.")
+
+
+def test_an_error_that_is_not_a_download_is_not_called_one():
+    class Broken:
+        text_encoder = property(lambda self: 1 / 0)
+
+    with pytest.raises(ZeroDivisionError):
+        ti.sd_parts(Broken(), ["text_encoder"])
