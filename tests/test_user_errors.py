@@ -32,7 +32,7 @@ def expect_user_error(match, tmp_path, images, *extra):
     with pytest.raises(ti.UserError, match=match) as raised:
         run_main(tmp_path, images, *extra)
     message = str(raised.value)
-    assert "\n" not in message
+    assert "\n" not in message and message.endswith("."), message  # one sentence
     return message
 
 
@@ -129,8 +129,8 @@ def test_a_prompt_longer_than_77_tokens_is_refused(tmp_path, images):
         ("--learning-rate", "0", "must be above 0"),
     ],
 )
-def test_values_the_model_cannot_take_are_refused(tmp_path, images, flag, value, match):
-    expect_user_error(match, tmp_path, images, flag, value)
+def test_values_the_model_cannot_take_are_refused_naming_the_flag(tmp_path, images, flag, value, match):
+    assert flag in expect_user_error(match, tmp_path, images, flag, value)
 
 
 def test_a_batch_larger_than_an_epoch_is_refused_with_the_largest_that_fits(tmp_path, images):
