@@ -74,9 +74,12 @@ def timestep_embedding(t, dim=320):
 
 
 @pytest.fixture(scope="module")
-def torch_ref(ckpt, inputs, tmp_path_factory):
+def torch_ref(ckpt, inputs, tmp_path_factory, checkpoint_command_line_run):
     """All reference outputs from diffusers/transformers (tests/diffusers_reference.py),
-    computed in a process of its own, and the diffusers folder it writes."""
+    computed in a process of its own, and the diffusers folder it writes. The command
+    line's run of the checkpoint ends first (its test, last here, checks it): the two
+    processes of full-size models would not fit side by side."""
+    checkpoint_command_line_run[1].wait(timeout=1500)
     folder = tmp_path_factory.mktemp("diffusers")
     arrays = {k: v for k, v in inputs.items() if k != "tokenizer"}
     np.savez(folder / "inputs.npz", **arrays)
