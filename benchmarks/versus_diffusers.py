@@ -17,13 +17,18 @@ What it prints, per resolution:
 
 - **ms/step**: the median wall time of `--steps` steps after `--warmup` steps (the
   first of ours also traces the train step);
-- **peak memory**: the process's peak resident set size, as the OS counts it
-  (`ru_maxrss`), building and loading the models included;
+- **peak memory, loading and training apart**: the loading peak is the highest memory
+  while the models are built and loaded, up to the first step; then the peak is reset
+  (`/proc/self/clear_refs`) and the training peak is the highest over the steps
+  (tracing included). Each is given as anonymous memory (RssAnon, what the process
+  allocated: sampled every 10 ms) and as resident memory (VmHWM, the kernel's
+  high-water mark, which also counts mapped files);
 - the ratios, ours over diffusers, and a one-line summary at the end.
 
 Each side runs in its default precision on this hardware: ours with `--precision auto`;
 diffusers with `--mixed_precision` none (float32), or bf16 where ours chose bfloat16,
-so that both compute in the same dtype. Run it from the repository root:
+so that both compute in the same dtype. diffusers loads as its example does, with
+accelerate installed (its low-memory loading), the frozen models cast afterwards. Run it from the repository root:
 
     python benchmarks/versus_diffusers.py                      # 128 and 512 px
     python benchmarks/versus_diffusers.py --resolutions 128 --steps 3
@@ -38,11 +43,11 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -151,8 +156,36 @@ def token_ids():
     return json.dumps([[int(i) for i in ids], int(placeholder_id), int(cat_id)])
 
 
-def peak_memory_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+class MemoryWatch:
+    """This process's peak memory since the last `reset()`: anonymous memory (RssAnon,
+    sampled every 10 ms by a thread) and resident memory (VmHWM, kept by the kernel)."""
+
+    def __init__(self):
+        self.anonymous_peak = 0
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    @staticmethod
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def sample(self):
+        while True:
+            self.anonymous_peak = max(self.anonymous_peak, self.status_kb("RssAnon"))
+            time.sleep(0.01)
+
+    def peaks_gb(self):
+        """(anonymous, resident) peaks since the last reset, in GB (2**30 bytes)."""
+        anonymous = max(self.anonymous_peak, self.status_kb("RssAnon"))
+        return anonymous / 2**20, self.status_kb("VmHWM") / 2**20
+
+    def reset(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        self.anonymous_peak = self.status_kb("RssAnon")
 
 
 """
@@ -160,11 +193,19 @@ def peak_memory_gb():
 """
 
 
-def run_ours(args, image_folder):
+def run_ours(args, image_folder, loaded):
+    """`loaded()` is called once the models are built and loaded, before the first step."""
     sys.path.insert(0, ROOT)
     import textual_inversion as ti
 
     ti.generate_final_images = lambda *arguments, **options: None  # training only
+    fit = ti.StableDiffusionFineTuner.fit
+
+    def fit_once_loaded(trainer, *arguments, **options):
+        loaded()
+        return fit(trainer, *arguments, **options)
+
+    ti.StableDiffusionFineTuner.fit = fit_once_loaded
     output_dir = tempfile.mkdtemp(prefix="ours-")
     argv = [
         "--base-model", args.weights, "--images", image_folder, "--prompts", PROMPT,
@@ -185,7 +226,7 @@ def run_ours(args, image_folder):
 """
 
 
-def run_diffusers(args, image_path):
+def run_diffusers(args, image_path, loaded):
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -233,6 +274,7 @@ def run_diffusers(args, image_path):
     input_ids = torch.from_numpy(ids[None].astype("int64"))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=weight_dtype != torch.float32)
 
+    loaded()
     seconds = []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -262,13 +304,23 @@ def run_diffusers(args, image_path):
 def worker(args):
     folder = tempfile.mkdtemp(prefix="image-")
     image_path = write_image(folder, args.resolution)
+    watch, loading = MemoryWatch(), {}
+
+    def loaded():
+        loading["anonymous"], loading["resident"] = watch.peaks_gb()
+        watch.reset()
+
     if args.worker == "ours":
-        seconds, precision = run_ours(args, folder)
+        seconds, precision = run_ours(args, folder, loaded)
     else:
-        seconds, precision = run_diffusers(args, image_path)
+        seconds, precision = run_diffusers(args, image_path, loaded)
+    training_anonymous, training_resident = watch.peaks_gb()
     figures = {
         "ms_per_step": 1000 * statistics.median(seconds),
-        "peak_gb": peak_memory_gb(),
+        "loading_anonymous_gb": loading["anonymous"],
+        "loading_resident_gb": loading["resident"],
+        "training_anonymous_gb": training_anonymous,
+        "training_resident_gb": training_resident,
         "precision": precision,
     }
     print("RESULT " + json.dumps(figures), flush=True)
@@ -318,18 +370,28 @@ def main():
 
     checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
     print(f"\n{cpu_name()}, batch 1, {precision}{checkpointing}, median of {args.steps} steps")
+    print("GB: anonymous memory (RssAnon) / resident (VmHWM); ratio: ours / diffusers, anonymous")
     print(
-        f"{'':>6} {'ours ms':>9} {'diffusers':>9} {'ratio':>6} {'ours GB':>8} {'diffusers':>9} {'ratio':>6}"
+        "| | ours ms/step | diffusers | ratio | ours loading GB | diffusers | ratio "
+        "| ours training GB | diffusers | ratio |\n" + "| --- " * 10 + "|"
     )
+
+    def memory(side, phase):
+        return f"{side[phase + '_anonymous_gb']:.2f} / {side[phase + '_resident_gb']:.2f}"
+
     for resolution, ours, theirs in rows:
+        ratio = {key: ours[key] / theirs[key] for key in ours if key != "precision"}
         print(
-            f"{resolution:>4}px {ours['ms_per_step']:>9.0f} {theirs['ms_per_step']:>9.0f} "
-            f"{ours['ms_per_step'] / theirs['ms_per_step']:>5.2f}x {ours['peak_gb']:>8.1f} "
-            f"{theirs['peak_gb']:>9.1f} {ours['peak_gb'] / theirs['peak_gb']:>5.2f}x"
+            f"| {resolution} px | {ours['ms_per_step']:,.0f} | {theirs['ms_per_step']:,.0f} "
+            f"| {ratio['ms_per_step']:.2f}x | {memory(ours, 'loading')} "
+            f"| {memory(theirs, 'loading')} | {ratio['loading_anonymous_gb']:.2f}x "
+            f"| {memory(ours, 'training')} | {memory(theirs, 'training')} "
+            f"| {ratio['training_anonymous_gb']:.2f}x |"
         )
     summary = "; ".join(
         f"{resolution} px {ours['ms_per_step'] / theirs['ms_per_step']:.2f}x the time, "
-        f"{ours['peak_gb'] / theirs['peak_gb']:.2f}x the memory"
+        f"{ours['training_anonymous_gb'] / theirs['training_anonymous_gb']:.2f}x the training "
+        f"memory, {ours['loading_anonymous_gb'] / theirs['loading_anonymous_gb']:.2f}x the loading"
         for resolution, ours, theirs in rows
     )
     print(f"Ours against diffusers ({precision}{checkpointing}): {summary}.")
