@@ -4,7 +4,11 @@ and KerasHub's classes with random weights at 128 px, the scores mean nothing: t
 tests check that each row is the score of its snapshot, and the rule."""
 
 import csv
+import json
 import os
+import re
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 
 import textual_inversion as ti
 from textual_inversion_extras import saving
-from conftest import RESOLUTION, import_tool
+from conftest import RESOLUTION, ROOT, import_tool
 
 evaluate = import_tool("evaluate")
 
@@ -35,33 +39,43 @@ def write_snapshots(run_dir, steps=STEPS, token=TOKEN, num_vectors=1):
         saving.save_embedding(path, token, vectors, {"step": step})
 
 
+def run_evaluate(*arguments):
+    """tools/evaluate.py from its command line, in a process of its own: its full-size
+    CLIP and Stable Diffusion models leave this process as small as it was."""
+    command = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory, image_folder):
     """A run folder with three snapshots, scored with --run; then the last snapshot
-    scored alone with --embedding, in a model built for it alone."""
+    scored alone with --embedding, in a process and a model built for it alone. The
+    rows are read back from scores.csv and eval.json, which keep every digit."""
     run_dir = tmp_path_factory.mktemp("run")
     write_snapshots(run_dir)
-    rows, best_step = evaluate.evaluate(
-        evaluate.parse_args(["--run", str(run_dir), "--images", image_folder, *SMALL])
-    )
+    printed = run_evaluate("--run", run_dir, "--images", image_folder, *SMALL)
+    with open(run_dir / "scores.csv") as f:
+        rows = [
+            dict(step=int(r["step"]), image_similarity=float(r["image_similarity"]),
+                 text_similarity=float(r["text_similarity"]))
+            for r in csv.DictReader(f)
+        ]  # fmt: skip
+    best_step = int(re.search(r"^Recommended: step (\d+) ", printed, re.M).group(1))
     last, _ = saving.snapshot_paths(str(run_dir), STEPS[-1])
-    alone = evaluate.evaluate(
-        evaluate.parse_args(
-            ["--embedding", last, "--images", image_folder, *SMALL,
-             "--output-dir", str(tmp_path_factory.mktemp("alone"))]
-        )  # fmt: skip
-    )
+    alone_dir = tmp_path_factory.mktemp("alone")
+    run_evaluate("--embedding", last, "--images", image_folder, *SMALL, "--output-dir", alone_dir)
+    with open(alone_dir / "eval.json") as f:
+        alone = json.load(f)
     return run_dir, rows, best_step, alone
 
 
 def test_the_run_writes_a_table_with_a_row_per_snapshot_in_step_order(scored_run):
-    run_dir, rows, _, _ = scored_run
-    with open(run_dir / "scores.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [int(row["step"]) for row in table] == list(STEPS)
-    for row, returned in zip(table, rows):
-        assert float(row["image_similarity"]) == pytest.approx(returned["image_similarity"])
-        assert float(row["text_similarity"]) == pytest.approx(returned["text_similarity"])
+    _, rows, _, _ = scored_run
+    assert [row["step"] for row in rows] == list(STEPS)
+    for row in rows:  # cosine similarities
+        assert -1 <= row["image_similarity"] <= 1 and -1 <= row["text_similarity"] <= 1
 
 
 def test_the_run_writes_a_plot_of_the_scores(scored_run):
