@@ -68,13 +68,17 @@ def run_script(*arguments, timeout=900):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def python_in_a_process_of_its_own(script):
+def python_in_a_process_of_its_own(script, environment=None):
     """Runs `script` in a new Python process, which can import the project and the tests'
-    modules, and returns what it printed; if it fails, the test shows its error."""
+    modules, with `environment`'s variables added, and returns what it printed; if it
+    fails, the test shows its error."""
     paths = [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]
     result = subprocess.run(
         [sys.executable, "-c", script],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))},
+        env={
+            **os.environ, **(environment or {}),
+            "PYTHONPATH": os.pathsep.join(filter(None, paths)),
+        },  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
