@@ -1,7 +1,8 @@
 """tools/evaluate.py --run: every snapshot of a run scored with the paper's two CLIP
-scores, a table and a plot of them, and a step named by the stated rule. On KerasCV's
-and KerasHub's classes with random weights at 128 px, the scores mean nothing: these
-tests check that each row is the score of its snapshot, and the rule."""
+scores, a table and a plot of them, and a step named by the stated rule. On KerasHub's
+CLIP and KerasCV's text encoder with random weights, the stand-ins for the VAE and the
+UNet, at 128 px, the scores mean nothing: these tests check that each row is the score
+of its snapshot, and the rule."""
 
 import csv
 import json
@@ -40,9 +41,13 @@ def write_snapshots(run_dir, steps=STEPS, token=TOKEN, num_vectors=1):
 
 
 def run_evaluate(*arguments):
-    """tools/evaluate.py from its command line, in a process of its own: its full-size
-    CLIP and Stable Diffusion models leave this process as small as it was."""
-    command = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), *map(str, arguments)]
+    """tools/evaluate.py from its command line, in a process of its own, with the small
+    stand-ins for the VAE and the UNet (tests/stand_ins.py): these tests check how a run
+    is scored, not what the models draw. Its CLIP models leave this process as small as
+    it was."""
+    tool = os.path.join(ROOT, "tools", "evaluate.py")
+    stand_ins = os.path.join(ROOT, "tests", "stand_ins.py")
+    command = [sys.executable, stand_ins, tool, *map(str, arguments)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

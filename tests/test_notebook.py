@@ -16,6 +16,11 @@ from conftest import ROOT, RESOLUTION, import_tool
 
 # What a runner sets in the settings cell (papermill's -p): a smoke run on this CPU.
 SMOKE_SETTINGS = dict(RESOLUTION=RESOLUTION, RANDOM_WEIGHTS=True, MAX_TRAIN_STEPS=2, SAMPLE_STEPS=2)
+# The kernel runs the cells' mechanics, not the arithmetic: on the small stand-ins for
+# the VAE and the UNet (tests/stand_ins.py), as the tutorial-run tests do.
+STAND_INS_CELL = """
+from stand_ins import stand_in_models
+stand_in_models().__enter__()  # for the rest of the kernel's life"""
 
 
 def test_the_committed_notebook_is_what_make_notebook_writes_from_the_script_now():
@@ -54,10 +59,10 @@ def executed_notebook(tmp_path, monkeypatch):
         i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])
     )
     injected = "\n".join(f"{name} = {value!r}" for name, value in SMOKE_SETTINGS.items())
-    notebook.cells.insert(settings + 1, nbformat.v4.new_code_cell(injected))
+    notebook.cells.insert(settings + 1, nbformat.v4.new_code_cell(injected + STAND_INS_CELL))
     # The kernel works in a folder of its own (its outputs/ go there) and imports the
     # script from the repository, as Colab does after the install cell's %cd.
-    monkeypatch.setenv("PYTHONPATH", ROOT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     client = NotebookClient(
         notebook, timeout=1200, kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
