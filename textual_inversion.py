@@ -1824,6 +1824,11 @@ class CommandLineRun(TutorialRun):
                 sets, args.batch_size, args.seed, args.epochs, step, augmentation
             )
 
+        on_off = {True: "on", False: "off"}
+        print(
+            f"Training in {self.precision}, XLA {on_off[self.jit_compile]}, gradient "
+            f"checkpointing {on_off[args.gradient_checkpointing]}."
+        )
         with run_control.stop_training_on_signals(trainer) as signals_received:
             callbacks.append(run_control.StopAfterSignal(signals_received))
             try:

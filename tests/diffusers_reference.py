@@ -1,7 +1,8 @@
 """The oracle's reference outputs from diffusers and transformers (PyTorch, CPU), for
 tests/test_diffusers_oracle.py: the text encoding, the VAE posterior's mean, the UNet's
 prediction, the decoded image, and the textual-inversion step of diffusers'
-examples/textual_inversion (its loss and the placeholder row's gradient), on the random
+examples/textual_inversion (its loss, the placeholder row's gradient and its vector after
+the example's AdamW update), on the random
 SD 1.x checkpoint. It also writes that checkpoint as a diffusers folder (float16).
 
 It runs in a process of its own (`python tests/diffusers_reference.py CHECKPOINT INPUTS
@@ -18,6 +19,7 @@ from sd1x_checkpoint import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, write_safetens
 
 NEW_TOKEN = 49408  # the row diffusers appends for the placeholder: the 49,409th
 TIMESTEP_UNET, TIMESTEP_STEP = 421, 613
+LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.004  # the oracle's trainer's, and build_trainer's
 
 
 def reference_outputs(ckpt, inputs, folder):
@@ -108,6 +110,14 @@ def reference_outputs(ckpt, inputs, folder):
     loss.backward()
     out["loss"] = float(loss.detach())
     out["grad"] = emb.grad[NEW_TOKEN].numpy().copy()
+    # The example's update: AdamW on the embedding matrix, every row but the new one put
+    # back; here with the script's learning rate, weight decay and epsilon.
+    before = emb.detach().clone()
+    optimizer = torch.optim.AdamW([emb], lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, eps=1e-8)
+    optimizer.step()
+    with torch.no_grad():
+        emb[:NEW_TOKEN] = before[:NEW_TOKEN]
+    out["vector_after_step"] = emb[NEW_TOKEN].detach().numpy().copy()
     del te, vae, unet, emb, pred, hidden, loss, post
     gc.collect()
     return out

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import textual_inversion as ti
-from diffusers_reference import NEW_TOKEN, TIMESTEP_STEP, TIMESTEP_UNET
+from diffusers_reference import LEARNING_RATE, NEW_TOKEN, TIMESTEP_STEP, TIMESTEP_UNET
 from sd1x_checkpoint import SEED, ldm_spec, write_safetensors
 from textual_inversion_extras import checkpoints, saving, unet_backward
 from textual_inversion_extras.keras_internals import all_sublayers
@@ -154,7 +154,7 @@ def fine_tuner(km, inputs):
     km._text_encoder = ti.extend_text_encoder(original, ti.token_rows(original, [inputs["cat_id"]]))
     ti.freeze_models(km)
     trainer = ti.build_trainer(
-        km, [NEW_TOKEN], learning_rate=1e-4, seed=0, trainer_class=DiffusersDraws
+        km, [NEW_TOKEN], learning_rate=LEARNING_RATE, seed=0, trainer_class=DiffusersDraws
     )
     trainer.use_draws(inputs["eps"], inputs["noise"], TIMESTEP_STEP)
     yield trainer
@@ -187,6 +187,21 @@ def compare(name, got, ref, tol_rel):
 # GroupNorm epsilon is 1e-5 where the original VAE's is 1e-6.
 # A wrongly mapped or untransposed weight moves these by 1e-2..1e0, far above the tolerances.
 TOL = {"text": 2e-5, "vae_mean": 2e-4, "unet": 2e-3, "decoded": 1e-4, "loss": 1e-4, "grad": 2e-3}
+# Adam's first step, relative to its largest component (about the learning rate):
+# measured 2.2e-2 in float32 with XLA. Keras adds Adam's epsilon (1e-8) to sqrt(v),
+# PyTorch to sqrt(v) / sqrt(1 - beta2), 32 times larger there: a component whose
+# gradient is near 1e-5 moves a few percent less than in PyTorch. A lost update is off
+# by 1, a wrong sign by 2.
+TOL["update"] = 0.1
+# In mixed_bfloat16 against diffusers in float32, measured on an AVX2-only AMD EPYC:
+# loss 1.4e-3, gradient 3.8e-2 of its largest component. bfloat16 rounds each input of
+# a product to 8 bits on every CPU; CPUs differ only in how they sum (in float32 with
+# AVX-512 BF16 and AMX), which the UNet's tests bound at a few units in the last place
+# of a layer's output. The bounds leave a factor of 5 or more. Adam's first step is
+# about the learning rate times the gradient's sign, so a component whose gradient is
+# near zero may flip: the update is compared in direction (a wrong or lost update has
+# a cosine near 0 or below).
+TOL_BF16 = {"loss": 1e-2, "grad": 0.2, "cosine": 0.99, "update_cosine": 0.9}
 
 
 # ------------------------------------------------------------------ tests
@@ -281,6 +296,132 @@ def test_with_the_unet_backward_the_script_uses_the_step_still_gives_diffusers_l
         for layer in layers:
             layer.__class__ = original_classes[id(layer)]
     assert_step_is_diffusers(loss, gradient, torch_ref)
+
+
+# ------------------------------------------------------------------ the traced step of `fit`
+class RecordedDraws(DiffusersDraws):
+    """Also keeps the placeholder's gradient of its last step, which `train_step` takes
+    inside the traced function, in a variable the test reads."""
+
+    def use_draws(self, eps, noise, timestep):
+        super().use_draws(eps, noise, timestep)
+        import tensorflow as tf
+
+        self.draws_taken = 0
+        zeros = tf.zeros(self.learned_embedding.shape)
+        self.recorded_gradient = tf.Variable(zeros, trainable=False)
+
+    def standard_normal(self, shape):
+        """The two draws in turn: Keras may trace the step more than once."""
+        draw = self.normal_draws[self.draws_taken % 2]
+        self.draws_taken += 1
+        assert tuple(shape) == draw.shape, (shape, draw.shape)
+        return draw
+
+    def loss_and_gradient(self, images, token_ids):
+        loss, gradient = super().loss_and_gradient(images, token_ids)
+        self.recorded_gradient.assign(gradient)
+        return loss, gradient
+
+
+def traced_training_step(stable_diffusion, inputs, precision, jit_compile):
+    """One step of `fit`'s traced `train_step` (`train_on_batch`: the loss, the masked
+    gradient, Adam's update, the vector written into the matrix), on the models as
+    `main` prepares them for this precision and XLA setting, with diffusers' draws.
+    Returns the loss, the gradient, the vector before and after the step, and its row
+    in the matrix."""
+    import tensorflow as tf
+
+    models = [getattr(stable_diffusion, name) for name in ti.SD_PARTS[1:]]
+    layers = [layer for model in models for layer in all_sublayers(model)]
+    original_classes = {id(layer): layer.__class__ for layer in layers}
+    original_encoder = stable_diffusion.text_encoder
+    cat_row = ti.token_rows(original_encoder, [inputs["cat_id"]])
+    start = np.asarray(cat_row[0])
+    try:
+        extended = ti.extend_text_encoder(original_encoder, cat_row)
+        ti.set_part(stable_diffusion, "text_encoder", extended)
+        ti.freeze_models(stable_diffusion)
+        unet_backward.speed_up_training(stable_diffusion, precision, jit_compile, False)
+        trainer = ti.build_trainer(
+            stable_diffusion, [NEW_TOKEN], learning_rate=LEARNING_RATE, seed=0,
+            jit_compile=jit_compile, trainer_class=RecordedDraws,
+        )  # fmt: skip
+        trainer.use_draws(inputs["eps"], inputs["noise"], TIMESTEP_STEP)
+        logs = trainer.train_on_batch(
+            tf.constant(inputs["image"]), tf.constant(inputs["step_ids"]), return_dict=True
+        )
+        row = ti.token_rows(stable_diffusion.text_encoder, [NEW_TOKEN])[0]
+        return (
+            float(logs["step_loss"]), trainer.recorded_gradient.numpy()[0],
+            start, trainer.learned_embedding.numpy()[0], np.asarray(row),
+        )  # fmt: skip
+    finally:
+        for layer in layers:
+            layer.__class__ = original_classes[id(layer)]
+        ti.set_part(stable_diffusion, "text_encoder", original_encoder)
+
+
+def cosine_of(a, b):
+    cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    print(f"\ncosine {cosine:.6f}")
+    return cosine
+
+
+def assert_update_is_diffusers(start, vector, row, torch_ref, tolerance):
+    """Adam's step from `start` (cat's row) against the example's AdamW step, relative
+    to the update's largest component, and the matrix's row is the vector. The first
+    step moves each component by about the learning rate, whatever the gradient's size:
+    a lost update or a wrong sign is off by a relative 1 or 2."""
+    np.testing.assert_array_equal(row, vector)
+    compare("update", vector - start, torch_ref["vector_after_step"] - start, tolerance)
+
+
+def test_compiled_with_xla_the_traced_step_gives_diffusers_loss_gradient_and_update(
+    km, torch_ref, inputs
+):
+    """As `--xla on` trains (and `--xla auto` on a GPU), in float32: one XLA program for
+    the step, the script's swapped layers inside it."""
+    loss, gradient, start, vector, row = traced_training_step(km, inputs, "float32", True)
+    assert_step_is_diffusers(loss, gradient, torch_ref)
+    assert_update_is_diffusers(start, vector, row, torch_ref, TOL["update"])
+
+
+@pytest.fixture
+def mixed_bfloat16_models(ckpt, inputs, torch_ref):
+    """The checkpoint built as `--precision mixed_bfloat16` builds it: the VAE's and the
+    UNet's weights in bfloat16, the text encoder's in float32."""
+    return ti.build_base_model(
+        RES, inputs["tokenizer"], ckpt, jit_compile=False, precision="mixed_bfloat16"
+    )
+
+
+def test_in_mixed_bfloat16_with_attention_in_chunks_the_traced_step_gives_diffusers_results(
+    mixed_bfloat16_models, torch_ref, inputs, monkeypatch
+):
+    """As `--precision auto` trains on a CPU with bfloat16 arithmetic, against diffusers
+    in float32. At 128 px no attention is large enough to be chunked, so the chunks are
+    made 64 queries: the 16x16 latents' self-attention runs in 4, and the backward
+    recomputes the softmax of 3."""
+    monkeypatch.setattr(unet_backward, "ATTENTION_CHUNK_SCORES", 64 * 256)
+    chunks = []
+    attend = unet_backward.attention_in_query_chunks
+
+    def recorded(query, key, value, scale, chunk=None):
+        chunks.append((query.shape[2], chunk))
+        return attend(query, key, value, scale, chunk)
+
+    monkeypatch.setattr(unet_backward, "attention_in_query_chunks", recorded)
+    loss, gradient, start, vector, row = traced_training_step(
+        mixed_bfloat16_models, inputs, "mixed_bfloat16", False
+    )
+    assert (256, 64) in chunks
+    compare("loss", np.array([loss]), np.array([torch_ref["loss"]]), TOL_BF16["loss"])
+    compare("grad", gradient, torch_ref["grad"], TOL_BF16["grad"])
+    assert cosine_of(gradient, torch_ref["grad"]) > TOL_BF16["cosine"]
+    np.testing.assert_array_equal(row, vector)
+    update, reference_update = vector - start, torch_ref["vector_after_step"] - start
+    assert cosine_of(update, reference_update) > TOL_BF16["update_cosine"]
 
 
 # ------------------------------------------------------------------ refusals
@@ -490,13 +631,17 @@ def test_float16_bfloat16_and_float32_tensors_read_exactly(dtype, tmp_path):
     )
 
 
-def test_the_command_line_trains_and_draws_on_an_sd1x_file(ckpt, checkpoint_command_line_run):
+def test_the_command_line_trains_with_xla_and_checkpointing_and_draws_on_an_sd1x_file(
+    ckpt, checkpoint_command_line_run
+):
     """It waits for the run, which started with the suite's other command-line runs."""
     folder, process = checkpoint_command_line_run
     status = process.wait(timeout=1500)
     train_log = (folder / "train.log").read_text()
     assert status == 0, (train_log + (folder / "draw.log").read_text())[-3000:]
     assert f"Loading the base model {ckpt}" in train_log
+    assert "Training in float32, XLA on, gradient checkpointing on." in train_log
+    assert "Compiled cluster using XLA" in train_log  # TensorFlow's word that it did
     metadata = saving.load_embedding(str(folder / "run" / saving.EMBEDDING_FILE)).metadata
     assert (
         metadata["base_model"]
