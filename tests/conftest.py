@@ -199,8 +199,7 @@ def sd1x_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoint_command_line_run(sd1x_checkpoint, image_folder, tmp_path_factory):
     """The command line on the full-size checkpoint, as a user runs it: 1 training
-    step, compiled with XLA (in float32, as `--xla on` is tested) and with its blocks
-    recomputed, then `tools/generate.py` draws with what it learned, in the background. The
+    step, then `tools/generate.py` draws with what it learned, in the background. The
     command-line tests start it beside their own runs, while this process is small; the
     diffusers oracle checks what it wrote."""
     folder = tmp_path_factory.mktemp("command-line")
@@ -209,7 +208,6 @@ def checkpoint_command_line_run(sd1x_checkpoint, image_folder, tmp_path_factory)
         "--images", image_folder, "--group-images", "--prompts", "a photo of {}",
         "--resolution", str(RESOLUTION), "--max-train-steps", "1", "--sample-every", "0",
         "--sample-steps", "1", "--output-dir", str(folder / "run"),
-        "--precision", "float32", "--xla", "on", "--gradient-checkpointing",
     ]  # fmt: skip
     generate = [
         sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--base-model", sd1x_checkpoint,

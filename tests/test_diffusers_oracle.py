@@ -347,6 +347,7 @@ def traced_training_step(stable_diffusion, inputs, precision, jit_compile):
             stable_diffusion, [NEW_TOKEN], learning_rate=LEARNING_RATE, seed=0,
             jit_compile=jit_compile, trainer_class=RecordedDraws,
         )  # fmt: skip
+        assert trainer.jit_compile is jit_compile  # Keras did not turn XLA off
         trainer.use_draws(inputs["eps"], inputs["noise"], TIMESTEP_STEP)
         logs = trainer.train_on_batch(
             tf.constant(inputs["image"]), tf.constant(inputs["step_ids"]), return_dict=True
@@ -631,17 +632,13 @@ def test_float16_bfloat16_and_float32_tensors_read_exactly(dtype, tmp_path):
     )
 
 
-def test_the_command_line_trains_with_xla_and_checkpointing_and_draws_on_an_sd1x_file(
-    ckpt, checkpoint_command_line_run
-):
+def test_the_command_line_trains_and_draws_on_an_sd1x_file(ckpt, checkpoint_command_line_run):
     """It waits for the run, which started with the suite's other command-line runs."""
     folder, process = checkpoint_command_line_run
     status = process.wait(timeout=1500)
     train_log = (folder / "train.log").read_text()
     assert status == 0, (train_log + (folder / "draw.log").read_text())[-3000:]
     assert f"Loading the base model {ckpt}" in train_log
-    assert "Training in float32, XLA on, gradient checkpointing on." in train_log
-    assert "Compiled cluster using XLA" in train_log  # TensorFlow's word that it did
     metadata = saving.load_embedding(str(folder / "run" / saving.EMBEDDING_FILE)).metadata
     assert (
         metadata["base_model"]

@@ -163,3 +163,23 @@ def test_the_sample_prompts_given_are_the_ones_drawn_before_and_during_training(
     slugs = [ti.slugify(p.format("<my-funny-cat-token>")) for p in prompts]
     expected = [f"epoch-{epoch:03d}_{slug}.png" for epoch in (0, 1) for slug in slugs]
     assert sorted(os.listdir(tmp_path / "samples")) == sorted(expected + ["progress.png"])
+
+
+def test_a_run_says_how_it_trains_and_with_xla_on_trains_a_compiled_step(
+    tmp_path, image_folder, capsys
+):
+    """`--xla on` through `main`, on the stand-ins, in-process: the step is compiled
+    with XLA (the oracle checks that step's arithmetic on the full-size models), and
+    the run says so, with its precision and checkpointing, before it trains."""
+    argv = [
+        "--random-weights", "--resolution", str(RESOLUTION), "--images", image_folder,
+        "--prompts", "a photo of {}", "--max-train-steps", "1", "--sample-every", "0",
+        "--sample-steps", "1", "--precision", "float32", "--xla", "on",
+        "--gradient-checkpointing", "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    with stand_in_models():
+        _, trainer = ti.main(argv)
+    assert "Training in float32, XLA on, gradient checkpointing on." in capsys.readouterr().out
+    assert trainer.jit_compile is True
+    assert int(trainer.step.numpy()) == 1
+
