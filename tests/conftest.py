@@ -264,14 +264,6 @@ FIRST_MODULES = ["test_notebook.py", "test_runs_from_the_command_line.py"]
 LAST_MODULES = ["test_diffusers_oracle.py", "test_unet_backward.py", "test_mixed_precision.py"]
 
 
-# The README's command runs the suite in two processes (pytest-xdist's `-n 2 --dist
-# loadgroup`): the modules that build the full-size models, one after another in the
-# order above, in one; the modules on the stand-ins in the other. Two processes of
-# full-size models would not fit side by side; a full-size and a stand-in one do, and on
-# 2 cores one traces (a single thread) while the other computes.
-FULL_SIZE_MODULES = ["test_runs_from_the_command_line.py", *LAST_MODULES]
-
-
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
@@ -280,6 +272,3 @@ def pytest_collection_modifyitems(items):
         return 10 + LAST_MODULES.index(name) if name in LAST_MODULES else 5
 
     items.sort(key=rank)  # a stable sort: within a module, the file's order
-    for item in items:
-        full_size = item.path.name in FULL_SIZE_MODULES
-        item.add_marker(pytest.mark.xdist_group("full-size" if full_size else "stand-ins"))
