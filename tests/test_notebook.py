@@ -18,9 +18,15 @@ from conftest import ROOT, RESOLUTION, import_tool
 SMOKE_SETTINGS = dict(RESOLUTION=RESOLUTION, RANDOM_WEIGHTS=True, MAX_TRAIN_STEPS=2, SAMPLE_STEPS=2)
 # The kernel runs the cells' mechanics, not the arithmetic: on the small stand-ins for
 # the VAE and the UNet (tests/stand_ins.py), as the tutorial-run tests do.
+# The context is kept in a variable: a context left to the garbage collector would be
+# closed, and the real models put back, as soon as the cell ends.
 STAND_INS_CELL = """
 from stand_ins import stand_in_models
-stand_in_models().__enter__()  # for the rest of the kernel's life"""
+models_replaced = stand_in_models()
+models_replaced.__enter__()  # for the rest of the kernel's life"""
+TRAINED_ON_STAND_INS_CELL = """
+assert stable_diffusion.diffusion_model.name == "stand_in_unet", "trained on KerasCV's UNet"
+"""
 
 
 def test_the_committed_notebook_is_what_make_notebook_writes_from_the_script_now():
@@ -60,6 +66,8 @@ def executed_notebook(tmp_path, monkeypatch):
     )
     injected = "\n".join(f"{name} = {value!r}" for name, value in SMOKE_SETTINGS.items())
     notebook.cells.insert(settings + 1, nbformat.v4.new_code_cell(injected + STAND_INS_CELL))
+    run = next(i for i, cell in enumerate(notebook.cells) if "run_tutorial(NotebookRun())" in cell.source)
+    notebook.cells.insert(run + 1, nbformat.v4.new_code_cell(TRAINED_ON_STAND_INS_CELL))
     # The kernel works in a folder of its own (its outputs/ go there) and imports the
     # script from the repository, as Colab does after the install cell's %cd.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
