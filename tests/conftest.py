@@ -180,8 +180,8 @@ def extended_stable_diffusion(image_folder):
 
 @pytest.fixture(scope="session")
 def concept(image_folder):
-    """For the mechanics: KerasCV's text encoder and tokenizer, with small stand-ins
-    for the VAE and the UNet (tests/stand_ins.py)."""
+    """For the mechanics: KerasCV's tokenizer, with small stand-ins for the text
+    encoder, the VAE and the UNet (tests/stand_ins.py)."""
     with stand_in_models():
         return extended_stable_diffusion(image_folder)
 
@@ -244,9 +244,10 @@ def two_vector_encoder(concept, token):
     ids, initializer_id = ti.add_placeholder_tokens(tokenizer, token, "cat", num_vectors=2)
     original = concept["original_text_encoder"]
     shared_encoder = stable_diffusion._text_encoder
-    stable_diffusion._text_encoder = ti.extend_text_encoder(
-        original, ti.token_rows(original, [initializer_id] * 2)
-    )
+    with stand_in_models():  # the extended encoder is the concept's stand-in too
+        stable_diffusion._text_encoder = ti.extend_text_encoder(
+            original, ti.token_rows(original, [initializer_id] * 2)
+        )
     ti.freeze_models(stable_diffusion)
     try:
         yield tokenizer, ids

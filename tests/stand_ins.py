@@ -1,11 +1,12 @@
-"""Small stand-ins for the VAE encoder, the UNet and the VAE decoder, for the tests that
-check mechanics (saving, resuming, accumulation, several vectors, signals, the command
-line's wiring) rather than arithmetic.
+"""Small stand-ins for the text encoder, the VAE encoder, the UNet and the VAE decoder, for
+the tests that check mechanics (saving, resuming, accumulation, several vectors, signals,
+the command line's wiring) rather than arithmetic.
 
-Each takes the inputs and gives the outputs of the KerasCV class it replaces, with about
-100k parameters in all instead of about a billion, so that a trainer builds and traces in
-seconds. The text encoder and the tokenizer stay KerasCV's own: the new token, its row
-and its gradient go through the real CLIP text encoder.
+Each takes the inputs and gives the outputs of the KerasCV class it replaces, so that a
+trainer builds and traces in seconds. The VAE and the UNet have about 100k parameters in
+all instead of about a billion. The text encoder is KerasCV's CLIP text encoder cut to one
+of its twelve layers, built from KerasCV's own CLIP layers: the new token's row, its
+embedding lookup and its gradient are the real ones. The tokenizer is KerasCV's own.
 
 In-process, `stand_in_models()` swaps them in where `build_models` builds the
 models. As a program, this file runs a script with them swapped in:
@@ -82,22 +83,33 @@ def decoder(img_height, img_width, download_weights=False):
     )
 
 
-STAND_INS = {"ImageEncoder": image_encoder, "DiffusionModel": diffusion_model, "Decoder": decoder}
+def text_encoder(max_length, vocab_size=49408, name=None, download_weights=False):
+    """KerasCV's `TextEncoder` with one CLIP encoder layer instead of twelve: [token ids,
+    position ids] to the 768-wide context, through KerasCV's CLIPEmbedding, whose token
+    row is what textual inversion trains. Building KerasCV's own twelve layers takes
+    seconds of graph building, and a run builds the text encoder twice."""
+    from keras_cv.src.models.stable_diffusion import text_encoder as clip
+
+    tokens = keras.layers.Input((max_length,), dtype="int32", name="tokens")
+    positions = keras.layers.Input((max_length,), dtype="int32", name="positions")
+    x = clip.CLIPEmbedding(vocab_size, 768, max_length)([tokens, positions])
+    x = clip.CLIPEncoderLayer(768, 12, activation=clip.quick_gelu)(x)
+    context = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+    return keras.Model([tokens, positions], context, name=name or "stand_in_text_encoder")
 
 
-def text_encoder_with_random_weights(text_encoder_class):
-    """KerasCV's `TextEncoder`, never downloading its weights (random weights)."""
-
-    def text_encoder(*arguments, download_weights=False, **options):
-        return text_encoder_class(*arguments, download_weights=False, **options)
-
-    return text_encoder
+STAND_INS = {
+    "TextEncoder": text_encoder,
+    "ImageEncoder": image_encoder,
+    "DiffusionModel": diffusion_model,
+    "Decoder": decoder,
+}
 
 
 @contextlib.contextmanager
 def stand_in_models():
-    """Within it, the VAE and the UNet KerasCV builds are the stand-ins, and its text
-    encoder is its own, with random weights: nothing is downloaded."""
+    """Within it, the text encoder, the VAE and the UNet KerasCV builds are the stand-ins,
+    with random weights: nothing is downloaded."""
     # Importing the submodule replaces keras_cv's lazy attribute with the module that
     # the script's own `from keras_cv.models.stable_diffusion import ...` gets.
     import keras_cv.models.stable_diffusion as module
@@ -106,14 +118,13 @@ def stand_in_models():
     # own module: both places take the stand-ins.
     from keras_cv.src.models.stable_diffusion import stable_diffusion as pipeline_module
 
-    stand_ins = dict(STAND_INS, TextEncoder=text_encoder_with_random_weights(module.TextEncoder))
     originals = {
         (place, name): getattr(place, name)
         for place in (module, pipeline_module)
-        for name in stand_ins
+        for name in STAND_INS
     }
     for place, name in originals:
-        setattr(place, name, stand_ins[name])
+        setattr(place, name, STAND_INS[name])
     try:
         yield
     finally:

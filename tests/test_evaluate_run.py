@@ -1,8 +1,8 @@
 """tools/evaluate.py --run: every snapshot of a run scored with the paper's two CLIP
 scores, a table and a plot of them, and a step named by the stated rule. On KerasHub's
-CLIP and KerasCV's text encoder with random weights, the stand-ins for the VAE and the
-UNet, at 128 px, the scores mean nothing: these tests check that each row is the score
-of its snapshot, and the rule."""
+CLIP with random weights and the stand-ins (tests/stand_ins.py), at 128 px, the scores
+mean nothing: these tests check that each row is the score of its snapshot, and the
+rule."""
 
 import csv
 import json

@@ -1,5 +1,7 @@
-"""The tutorial's mechanics on the real KerasCV classes (random weights, 128 px, CPU).
-The script from its command line is tested in test_command_line.py."""
+"""The tutorial's mechanics, on KerasCV's tokenizer and CLIP layers with the stand-ins
+(tests/stand_ins.py; random weights, 128 px, CPU). The full-size text encoder is extended
+the same way in test_diffusers_oracle.py, and the script from its command line is tested
+in test_runs_from_the_command_line.py."""
 
 import hashlib
 import math
