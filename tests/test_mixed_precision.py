@@ -25,8 +25,7 @@ from stand_ins import stand_in_models
 # same way; they differ only in how the products are summed (in float32, by AVX-512 BF16
 # and AMX instructions or after a conversion on AVX2), which moves a mean of thousands
 # of terms far less than the products' own rounding. These bounds held in clean-clone
-# runs on an AVX2-only EPYC, an AVX-512 BF16 EPYC and an AMX Xeon. A gradient that
-# missed the UNet's path or the placeholder's rows has a cosine near 0.
+# runs on an AVX2-only EPYC, an AVX-512 BF16 EPYC and an AMX Xeon.
 RELATIVE_TOLERANCE = 1e-2
 
 
