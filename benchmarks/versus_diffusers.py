@@ -23,7 +23,10 @@ What it prints, per resolution:
   (tracing included). Each is given as anonymous memory (RssAnon, what the process
   allocated: sampled every 10 ms) and as resident memory (VmHWM, the kernel's
   high-water mark, which also counts mapped files);
-- the ratios, ours over diffusers, and a one-line summary at the end.
+- the ratios, ours over diffusers, and a one-line summary at the end;
+- where our memory goes: the weights by dtype, and what TensorFlow's allocator has
+  handed out in tensors once loaded and at the training peak (the rest of the anonymous
+  peak is the interpreter's and the free space the allocator keeps).
 
 Each side runs in its default precision on this hardware: ours with `--precision auto`;
 diffusers with `--mixed_precision` none (float32), or bf16 where ours chose bfloat16,
@@ -41,6 +44,7 @@ requirements (torch, diffusers, transformers) and the CLIP vocabulary in the Ker
 
 import argparse
 import csv
+import gc
 import json
 import os
 import statistics
@@ -198,12 +202,24 @@ def run_ours(args, image_folder, loaded):
     sys.path.insert(0, ROOT)
     import textual_inversion as ti
 
+    import tensorflow as tf
+
     ti.generate_final_images = lambda *arguments, **options: None  # training only
     fit = ti.StableDiffusionFineTuner.fit
+    where = {}
 
     def fit_once_loaded(trainer, *arguments, **options):
         loaded()
-        return fit(trainer, *arguments, **options)
+        for model in ti.sd_parts(trainer.stable_diffusion):
+            for weight in model.weights:
+                size = int(np.prod(weight.shape)) * tf.as_dtype(weight.dtype).size / 2**30
+                where[weight.dtype] = where.get(weight.dtype, 0) + size
+        gc.collect()  # not counting garbage: the text encoder before it was extended
+        where["live_once_loaded"] = tensorflow_live_gb()["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        history = fit(trainer, *arguments, **options)
+        where["live_peak_training"] = tensorflow_live_gb()["peak"]
+        return history
 
     ti.StableDiffusionFineTuner.fit = fit_once_loaded
     output_dir = tempfile.mkdtemp(prefix="ours-")
@@ -218,7 +234,17 @@ def run_ours(args, image_folder, loaded):
     with open(os.path.join(output_dir, "loss.csv")) as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
     precision = ti.hardware.resolve_precision("auto")
-    return seconds[args.warmup :], precision
+    return seconds[args.warmup :], precision, where
+
+
+def tensorflow_live_gb():
+    """What TensorFlow's CPU allocator has handed out in tensors, now and at its peak,
+    in GB. It counts only with oneDNN's allocator, which TensorFlow takes on CPUs with
+    AVX-512 or AMX (or with TF_ENABLE_ONEDNN_OPTS=1); elsewhere both are 0."""
+    import tensorflow as tf
+
+    info = tf.config.experimental.get_memory_info("CPU:0")
+    return {key: info[key] / 2**30 for key in ("current", "peak")}
 
 
 """
@@ -293,7 +319,7 @@ def run_diffusers(args, image_path, loaded):
         with torch.no_grad():
             embeddings.data[keep] = original_embeddings[keep]
         seconds.append(time.perf_counter() - start)
-    return seconds[args.warmup :], args.precision
+    return seconds[args.warmup :], args.precision, {}
 
 
 """
@@ -311,9 +337,9 @@ def worker(args):
         watch.reset()
 
     if args.worker == "ours":
-        seconds, precision = run_ours(args, folder, loaded)
+        seconds, precision, where = run_ours(args, folder, loaded)
     else:
-        seconds, precision = run_diffusers(args, image_path, loaded)
+        seconds, precision, where = run_diffusers(args, image_path, loaded)
     training_anonymous, training_resident = watch.peaks_gb()
     figures = {
         "ms_per_step": 1000 * statistics.median(seconds),
@@ -322,6 +348,7 @@ def worker(args):
         "training_anonymous_gb": training_anonymous,
         "training_resident_gb": training_resident,
         "precision": precision,
+        "where": where,
     }
     print("RESULT " + json.dumps(figures), flush=True)
 
@@ -380,7 +407,7 @@ def main():
         return f"{side[phase + '_anonymous_gb']:.2f} / {side[phase + '_resident_gb']:.2f}"
 
     for resolution, ours, theirs in rows:
-        ratio = {key: ours[key] / theirs[key] for key in ours if key != "precision"}
+        ratio = {key: ours[key] / theirs[key] for key in ours if key not in ("precision", "where")}
         print(
             f"| {resolution} px | {ours['ms_per_step']:,.0f} | {theirs['ms_per_step']:,.0f} "
             f"| {ratio['ms_per_step']:.2f}x | {memory(ours, 'loading')} "
@@ -395,6 +422,20 @@ def main():
         for resolution, ours, theirs in rows
     )
     print(f"Ours against diffusers ({precision}{checkpointing}): {summary}.")
+    # Where our memory goes: what the weights take, what TensorFlow's allocator has handed
+    # out in tensors (the weights and more) once loaded and at the step's peak; the rest
+    # of the anonymous peak is the interpreter's and the allocator's free space.
+    for resolution, ours, _ in rows:
+        where = ours["where"]
+        weights = " + ".join(
+            f"{gb:.2f} {dtype}" for dtype, gb in where.items() if not dtype.startswith("live")
+        )
+        print(
+            f"Ours, {resolution} px: weights {weights} GB; TensorFlow's tensors "
+            f"{where['live_once_loaded']:.2f} GB once loaded, {where['live_peak_training']:.2f} "
+            f"GB at the training peak, in an anonymous peak of {ours['training_anonymous_gb']:.2f}"
+            " GB (0 where TensorFlow does not count: see tensorflow_live_gb)."
+        )
 
 
 if __name__ == "__main__":
