@@ -206,14 +206,14 @@ def run_ours(args, image_folder, loaded):
 
     ti.generate_final_images = lambda *arguments, **options: None  # training only
     fit = ti.StableDiffusionFineTuner.fit
-    where = {}
+    where = {"weights": {}}
 
     def fit_once_loaded(trainer, *arguments, **options):
         loaded()
         for model in ti.sd_parts(trainer.stable_diffusion):
             for weight in model.weights:
                 size = int(np.prod(weight.shape)) * tf.as_dtype(weight.dtype).size / 2**30
-                where[weight.dtype] = where.get(weight.dtype, 0) + size
+                where["weights"][weight.dtype] = where["weights"].get(weight.dtype, 0) + size
         gc.collect()  # not counting garbage: the text encoder before it was extended
         where["live_once_loaded"] = tensorflow_live_gb()["current"]
         tf.config.experimental.reset_memory_stats("CPU:0")
@@ -427,9 +427,7 @@ def main():
     # of the anonymous peak is the interpreter's and the allocator's free space.
     for resolution, ours, _ in rows:
         where = ours["where"]
-        weights = " + ".join(
-            f"{gb:.2f} {dtype}" for dtype, gb in where.items() if not dtype.startswith("live")
-        )
+        weights = " + ".join(f"{gb:.2f} {dtype}" for dtype, gb in where["weights"].items())
         print(
             f"Ours, {resolution} px: weights {weights} GB; TensorFlow's tensors "
             f"{where['live_once_loaded']:.2f} GB once loaded, {where['live_peak_training']:.2f} "
