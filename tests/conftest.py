@@ -234,6 +234,13 @@ def loaded_stable_diffusion(sd1x_checkpoint):
     return ti.build_base_model(RESOLUTION, tokenizer, sd1x_checkpoint, jit_compile=False)
 
 
+def extend_stand_in_encoder(text_encoder, new_rows):
+    """`extend_text_encoder` for the concept's text encoder, a stand-in: the extended
+    one is built as a stand-in too."""
+    with stand_in_models():
+        return ti.extend_text_encoder(text_encoder, new_rows)
+
+
 @contextlib.contextmanager
 def two_vector_encoder(concept, token):
     """The concept's Stable Diffusion with a text encoder that has `token` as two new
@@ -244,10 +251,9 @@ def two_vector_encoder(concept, token):
     ids, initializer_id = ti.add_placeholder_tokens(tokenizer, token, "cat", num_vectors=2)
     original = concept["original_text_encoder"]
     shared_encoder = stable_diffusion._text_encoder
-    with stand_in_models():  # the extended encoder is the concept's stand-in too
-        stable_diffusion._text_encoder = ti.extend_text_encoder(
-            original, ti.token_rows(original, [initializer_id] * 2)
-        )
+    stable_diffusion._text_encoder = extend_stand_in_encoder(
+        original, ti.token_rows(original, [initializer_id] * 2)
+    )
     ti.freeze_models(stable_diffusion)
     try:
         yield tokenizer, ids

@@ -17,7 +17,7 @@ from conftest import ROOT, RESOLUTION, import_tool
 # What a runner sets in the settings cell (papermill's -p): a smoke run on this CPU.
 SMOKE_SETTINGS = dict(RESOLUTION=RESOLUTION, RANDOM_WEIGHTS=True, MAX_TRAIN_STEPS=2, SAMPLE_STEPS=2)
 # The kernel runs the cells' mechanics, not the arithmetic: on the small stand-ins for
-# the VAE and the UNet (tests/stand_ins.py), as the tutorial-run tests do.
+# the text encoder, the VAE and the UNet (tests/stand_ins.py), as the tutorial-run tests do.
 # The context is kept in a variable: a context left to the garbage collector would be
 # closed, and the real models put back, as soon as the cell ends.
 STAND_INS_CELL = """

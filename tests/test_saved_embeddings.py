@@ -10,8 +10,7 @@ import tensorflow as tf
 
 import textual_inversion as ti
 from textual_inversion_extras import saving
-from conftest import import_tool
-from stand_ins import stand_in_models
+from conftest import extend_stand_in_encoder, import_tool
 
 generate = import_tool("generate")
 drawing = import_tool("drawing")
@@ -100,8 +99,7 @@ def test_saved_embedding_in_a_fresh_pipeline_encodes_like_training(concept, tmp_
         # A fresh tokenizer and text encoder, extended from the file alone.
         fresh_tokenizer = ti.build_tokenizer()
         new_rows = drawing.add_embeddings(fresh_tokenizer, [saving.load_embedding(path)], [path])
-        with stand_in_models():  # the concept's text encoder is the stand-in
-            fresh_encoder = ti.extend_text_encoder(concept["original_text_encoder"], new_rows)
+        fresh_encoder = extend_stand_in_encoder(concept["original_text_encoder"], new_rows)
         assert fresh_tokenizer.encoder[PLACEHOLDER] == placeholder_token_id
         np.testing.assert_array_equal(ti.token_rows(fresh_encoder, [placeholder_token_id]), learned)
 

@@ -6,8 +6,7 @@ import tensorflow as tf
 
 import textual_inversion as ti
 from textual_inversion_extras import saving
-from conftest import import_tool, two_vector_encoder
-from stand_ins import stand_in_models
+from conftest import extend_stand_in_encoder, import_tool, two_vector_encoder
 
 evaluate = import_tool("evaluate")
 drawing = import_tool("drawing")
@@ -83,8 +82,7 @@ def test_training_two_vectors_changes_both_rows_and_nothing_else(concept, tmp_pa
         assert loaded.vectors.shape == (2, 768)
         fresh_tokenizer = ti.build_tokenizer()
         fresh_rows = drawing.add_embeddings(fresh_tokenizer, [loaded], [path])
-        with stand_in_models():  # the concept's text encoder is the stand-in
-            fresh_encoder = ti.extend_text_encoder(original, fresh_rows)
+        fresh_encoder = extend_stand_in_encoder(original, fresh_rows)
         prompt = drawing.prompts_with_tokens(["a photo of {}"], fresh_tokenizer, [loaded])[0]
         positions = ti.get_position_ids()
         fresh_ids = tf.constant(ti.encode_prompt(fresh_tokenizer, prompt)[None])
