@@ -26,7 +26,11 @@ What it prints, per resolution:
 - the ratios, ours over diffusers, and a one-line summary at the end;
 - where our memory goes: the weights by dtype, and what TensorFlow's allocator has
   handed out in tensors once loaded and at the training peak (the rest of the anonymous
-  peak is the interpreter's and the free space the allocator keeps).
+  peak is the interpreter's and the free space the allocator keeps);
+- the distance to this CPU's floor: a step's FLOPs, by PyTorch's counter on diffusers'
+  step (`count_flops`), over each side's ms/step, against the rate of a 4096 x 4096
+  matrix product in the compute dtype under each side's framework; that rate times the
+  FLOPs is the floor of a step. Both are measured after the peaks.
 
 Each side runs in its default precision on this hardware: ours with `--precision auto`;
 diffusers with `--mixed_precision` none (float32), or bf16 where ours chose bfloat16,
@@ -166,6 +170,8 @@ class MemoryWatch:
 
     def __init__(self):
         self.anonymous_peak = 0
+        self.resets = 0  # a sample read before a reset is dropped, not counted after it
+        self.lock = threading.Lock()
         threading.Thread(target=self.sample, daemon=True).start()
 
     @staticmethod
@@ -178,7 +184,10 @@ class MemoryWatch:
 
     def sample(self):
         while True:
-            self.anonymous_peak = max(self.anonymous_peak, self.status_kb("RssAnon"))
+            resets, anonymous = self.resets, self.status_kb("RssAnon")
+            with self.lock:
+                if resets == self.resets:
+                    self.anonymous_peak = max(self.anonymous_peak, anonymous)
             time.sleep(0.01)
 
     def peaks_gb(self):
@@ -187,9 +196,11 @@ class MemoryWatch:
         return anonymous / 2**20, self.status_kb("VmHWM") / 2**20
 
     def reset(self):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        self.anonymous_peak = self.status_kb("RssAnon")
+        with self.lock:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+            self.resets += 1
+            self.anonymous_peak = self.status_kb("RssAnon")
 
 
 """
@@ -202,6 +213,7 @@ def run_ours(args, image_folder, loaded):
     sys.path.insert(0, ROOT)
     import textual_inversion as ti
 
+    import keras
     import tensorflow as tf
 
     ti.generate_final_images = lambda *arguments, **options: None  # training only
@@ -234,7 +246,28 @@ def run_ours(args, image_folder, loaded):
     with open(os.path.join(output_dir, "loss.csv")) as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
     precision = ti.hardware.resolve_precision("auto")
-    return seconds[args.warmup :], precision, where
+    compute_dtype = keras.mixed_precision.Policy(precision).compute_dtype
+
+    def after_the_peaks():
+        return {"matmul_gflops": matmul_gflops_tensorflow(compute_dtype)}
+
+    return seconds[args.warmup :], precision, where, after_the_peaks
+
+
+def matmul_gflops_tensorflow(dtype, size=4096, repeats=5):
+    """TensorFlow's best rate, in GFLOP/s, of a size x size matrix product in `dtype`:
+    about the most its matmul and convolution kernels reach on this CPU."""
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.normal((size, size)), dtype)
+    product = tf.function(lambda a: tf.matmul(a, a))
+    product(a).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def tensorflow_live_gb():
@@ -300,10 +333,7 @@ def run_diffusers(args, image_path, loaded):
     input_ids = torch.from_numpy(ids[None].astype("int64"))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=weight_dtype != torch.float32)
 
-    loaded()
-    seconds = []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    def step():
         with autocast:
             latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample().detach()
             latents = latents * vae.config.scaling_factor
@@ -318,8 +348,54 @@ def run_diffusers(args, image_path, loaded):
         optimizer.zero_grad()
         with torch.no_grad():
             embeddings.data[keep] = original_embeddings[keep]
+
+    loaded()
+    seconds = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
         seconds.append(time.perf_counter() - start)
-    return seconds[args.warmup :], args.precision, {}
+    def after_the_peaks():  # counting slows a step and holds each attention matrix
+        return {
+            "step_flops": count_flops(step, [unet, vae, text_encoder]),
+            "matmul_gflops": matmul_gflops_torch(weight_dtype),
+        }
+
+    return seconds[args.warmup :], args.precision, {}, after_the_peaks
+
+
+def count_flops(step, models):
+    """The FLOPs of one call of `step()`, by PyTorch's FLOP counter: the matmuls and
+    convolutions of the forward and of the backward (input gradients only, where the
+    weights are frozen). Attention is computed by plain batched matmuls here, the same
+    arithmetic: the counter counts nothing for the CPU kernel of
+    `scaled_dot_product_attention`."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for model in models:
+        if hasattr(model, "set_attn_implementation"):  # transformers' text encoder
+            model.set_attn_implementation("eager")
+        for layer in model.modules():  # diffusers' UNet and VAE
+            if isinstance(layer, Attention):
+                layer.set_processor(AttnProcessor())
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_gflops_torch(dtype, size=4096, repeats=5):
+    """PyTorch's best rate, in GFLOP/s, of a size x size matrix product in `dtype`."""
+    import torch
+
+    a = torch.randn(size, size).to(dtype)
+    torch.mm(a, a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 """
@@ -337,10 +413,11 @@ def worker(args):
         watch.reset()
 
     if args.worker == "ours":
-        seconds, precision, where = run_ours(args, folder, loaded)
+        seconds, precision, where, after_the_peaks = run_ours(args, folder, loaded)
     else:
-        seconds, precision, where = run_diffusers(args, image_path, loaded)
+        seconds, precision, where, after_the_peaks = run_diffusers(args, image_path, loaded)
     training_anonymous, training_resident = watch.peaks_gb()
+    where.update(after_the_peaks())  # the FLOPs and the matmul rate, outside the peaks
     figures = {
         "ms_per_step": 1000 * statistics.median(seconds),
         "loading_anonymous_gb": loading["anonymous"],
@@ -433,6 +510,24 @@ def main():
             f"{where['live_once_loaded']:.2f} GB once loaded, {where['live_peak_training']:.2f} "
             f"GB at the training peak, in an anonymous peak of {ours['training_anonymous_gb']:.2f}"
             " GB (0 where TensorFlow does not count: see tensorflow_live_gb)."
+        )
+    # How far a step is from this CPU's floor: the step's FLOPs (PyTorch's count of
+    # diffusers' step, the same products as ours) against each side's matmul rate.
+    for resolution, ours, theirs in rows:
+        flops = theirs["where"]["step_flops"]
+        rates = []
+        for side in (ours, theirs):
+            achieved = flops / side["ms_per_step"] / 1e6  # GFLOP/s
+            floor_ms = flops / side["where"]["matmul_gflops"] / 1e6
+            rates.append((achieved, side["where"]["matmul_gflops"], floor_ms))
+        (ours_rate, tf_rate, tf_floor), (their_rate, torch_rate, torch_floor) = rates
+        print(
+            f"{resolution} px: a step is {flops / 1e9:,.0f} GFLOP (PyTorch's count of diffusers' "
+            f"step). Ours: {ours_rate:.0f} GFLOP/s, {ours_rate / tf_rate:.2f} of TensorFlow's "
+            f"4096 x 4096 matmul here ({tf_rate:.0f} GFLOP/s, a floor of {tf_floor:,.0f} ms a "
+            f"step, {tf_floor / theirs['ms_per_step']:.2f}x diffusers' step); diffusers: "
+            f"{their_rate:.0f} GFLOP/s, {their_rate / torch_rate:.2f} of PyTorch's "
+            f"({torch_rate:.0f} GFLOP/s, a floor of {torch_floor:,.0f} ms)."
         )
 
 
