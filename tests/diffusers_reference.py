@@ -6,7 +6,7 @@ the example's AdamW update), on the random
 SD 1.x checkpoint. It also writes that checkpoint as a diffusers folder (float16).
 
 It runs in a process of its own (`python tests/diffusers_reference.py CHECKPOINT INPUTS
-FOLDER OUTPUT`), so that the 8 GB PyTorch holds at its peak, and what its allocator keeps
+FOLDER OUTPUT [--sd2]`), so that the 8 GB PyTorch holds at its peak, and what its allocator keeps
 afterwards, never add to the test process's memory."""
 
 import gc
@@ -15,16 +15,21 @@ import sys
 
 import numpy as np
 
-from sd1x_checkpoint import CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, write_safetensors
+from sd1x_checkpoint import (
+    CLIP_CONFIG, CLIP_CONFIG_SD2, UNET_CONFIG, UNET_CONFIG_SD2, VAE_CONFIG, write_safetensors,
+)  # fmt: skip
 
 NEW_TOKEN = 49408  # the row diffusers appends for the placeholder: the 49,409th
 TIMESTEP_UNET, TIMESTEP_STEP = 421, 613
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.004  # the oracle's trainer's, and build_trainer's
 
 
-def reference_outputs(ckpt, inputs, folder):
+def reference_outputs(ckpt, inputs, folder, sd2=False):
     """`inputs` holds the oracle's arrays (prompt_ids, step_ids, cat_id, image, latents,
-    context, eps, noise); `folder` (a pathlib.Path) receives the diffusers folder."""
+    context, eps, noise); `folder` (a pathlib.Path) receives the diffusers folder. With
+    sd2 the checkpoint is an SD 2.x one, its OpenCLIP text encoder converted by diffusers'
+    own `convert_open_clip_checkpoint` (the first 23 layers)."""
+    clip_config, unet_config = (CLIP_CONFIG_SD2, UNET_CONFIG_SD2) if sd2 else (CLIP_CONFIG, UNET_CONFIG)
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
@@ -49,13 +54,12 @@ def reference_outputs(ckpt, inputs, folder):
         return model.eval()
 
     out = {}
-    text_sd = {
-        k: v for k, v in sfu.convert_ldm_clip_checkpoint(sd).items() if "position_ids" not in k
-    }
+    te = CLIPTextModel(CLIPTextConfig(**clip_config))
+    text_sd = sfu.convert_open_clip_checkpoint(te, sd) if sd2 else sfu.convert_ldm_clip_checkpoint(sd)
+    text_sd = {k: v for k, v in text_sd.items() if "position_ids" not in k}
     vae_sd = sfu.convert_ldm_vae_checkpoint(sd, VAE_CONFIG)
-    unet_sd = sfu.convert_ldm_unet_checkpoint(sd, UNET_CONFIG)
+    unet_sd = sfu.convert_ldm_unet_checkpoint(sd, unet_config)
     del sd
-    te = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
     if not any(
         k.startswith("text_model.") for k in te.state_dict()
     ):  # transformers 5 dropped the wrapper
@@ -69,7 +73,7 @@ def reference_outputs(ckpt, inputs, folder):
     te.eval()
     vae = build(AutoencoderKL, VAE_CONFIG, vae_sd)
     del text_sd, vae_sd
-    unet = build(UNet2DConditionModel, UNET_CONFIG, unet_sd)
+    unet = build(UNet2DConditionModel, unet_config, unet_sd)
     del unet_sd
     gc.collect()
     nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
@@ -126,9 +130,10 @@ def reference_outputs(ckpt, inputs, folder):
 if __name__ == "__main__":
     import pathlib
 
-    checkpoint, inputs_file, diffusers_folder, output_file = sys.argv[1:]
+    checkpoint, inputs_file, diffusers_folder, output_file = sys.argv[1:5]
     with np.load(inputs_file) as saved:
         arrays = {name: saved[name] for name in saved.files}
     arrays["cat_id"] = int(arrays["cat_id"])
-    outputs = reference_outputs(checkpoint, arrays, pathlib.Path(diffusers_folder))
+    sd2 = sys.argv[5:] == ["--sd2"]
+    outputs = reference_outputs(checkpoint, arrays, pathlib.Path(diffusers_folder), sd2)
     np.savez(output_file, **outputs)

@@ -60,11 +60,24 @@ CLIP_CONFIG = dict(
     pad_token_id=1,
 )
 
+# SD 2.x (512-base and 768-v): 64-wide heads, linear projections, OpenCLIP's text encoder
+# of which diffusers keeps the first 23 layers.
+UNET_CONFIG_SD2 = dict(
+    UNET_CONFIG, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True,
+)  # fmt: skip
+CLIP_CONFIG_SD2 = dict(
+    CLIP_CONFIG, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, hidden_act="gelu", projection_dim=512,
+)  # fmt: skip
 
 # ------------------------------------------------------------------ the CompVis key layout
-def ldm_spec():
-    """{key: shape} of an SD 1.x checkpoint, written from the CompVis module tree."""
+def ldm_spec(sd2=False):
+    """{key: shape} of an SD 1.x checkpoint, written from the CompVis module tree; with
+    sd2, of an SD 2.x one: linear projections around each transformer, a 1024-wide
+    context, and the OpenCLIP ViT-H/14 text encoder (all its 24 layers, as files hold)."""
     s = {}
+    context = 1024 if sd2 else 768
 
     def lin(p, o, i, bias=True):
         s[p + ".weight"] = (o, i)
@@ -90,10 +103,10 @@ def ldm_spec():
 
     def st(p, c):
         norm(p + ".norm", c)
-        conv(p + ".proj_in", c, c, 1)
-        conv(p + ".proj_out", c, c, 1)
+        for projection in (".proj_in", ".proj_out"):
+            lin(p + projection, c, c) if sd2 else conv(p + projection, c, c, 1)
         b = p + ".transformer_blocks.0."
-        for a, ctx in (("attn1", c), ("attn2", 768)):
+        for a, ctx in (("attn1", c), ("attn2", context)):
             lin(b + a + ".to_q", c, c, False)
             lin(b + a + ".to_k", c, ctx, False)
             lin(b + a + ".to_v", c, ctx, False)
@@ -177,6 +190,20 @@ def ldm_spec():
     norm(v + "decoder.norm_out", 128)
     conv(v + "decoder.conv_out", 3, 128)
 
+    if sd2:
+        t = "cond_stage_model.model."
+        s[t + "token_embedding.weight"], s[t + "positional_embedding"] = (49408, 1024), (77, 1024)
+        for i in range(24):
+            p = f"{t}transformer.resblocks.{i}."
+            s[p + "attn.in_proj_weight"], s[p + "attn.in_proj_bias"] = (3072, 1024), (3072,)
+            lin(p + "attn.out_proj", 1024, 1024)
+            norm(p + "ln_1", 1024)
+            norm(p + "ln_2", 1024)
+            lin(p + "mlp.c_fc", 4096, 1024)
+            lin(p + "mlp.c_proj", 1024, 4096)
+        norm(t + "ln_final", 1024)
+        s[t + "text_projection"], s[t + "logit_scale"] = (1024, 1024), ()
+        return s
     t = "cond_stage_model.transformer.text_model."
     s[t + "embeddings.token_embedding.weight"] = (49408, 768)
     s[t + "embeddings.position_embedding.weight"] = (77, 768)
@@ -239,7 +266,7 @@ def random_weight(key, shape, rng):
         return rng.standard_normal(shape, np.float32) / math.sqrt(np.prod(shape[1:]))
     if re.search(
         r"norm[\w.]*\.weight$|layer_norm\d\.weight$|norm_out\.weight$|out\.0\.weight$|"
-        r"(in|out)_layers\.0\.weight$",
+        r"(in|out)_layers\.0\.weight$|ln_\w+\.weight$",
         key,
     ):
         return 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
@@ -253,11 +280,13 @@ def fill_non_weight(key):
     return np.full(shape, 0.5)
 
 
-def write_random_checkpoint(path):
-    """Writes the checkpoint, 1.1 billion float16 weights (2.1 GB), at `path`."""
+def write_random_checkpoint(path, sd2=False):
+    """Writes the checkpoint, 1.1 billion float16 weights (2.1 GB), at `path`; with sd2,
+    an SD 2.x one, 1.3 billion (2.6 GB)."""
     rng = np.random.default_rng(SEED)
     entries = {
-        k: ("F16", s, lambda k, s=s: random_weight(k, s, rng)) for k, s in ldm_spec().items()
+        k: ("F16", s, lambda k, s=s: random_weight(k, s, rng)) for k, s in ldm_spec(sd2).items()
     }
-    entries.update({k: (dt, s, fill_non_weight) for k, (dt, s) in NON_WEIGHTS.items()})
+    non_weights = {k: v for k, v in NON_WEIGHTS.items() if not (sd2 and "text_model" in k)}
+    entries.update({k: (dt, s, fill_non_weight) for k, (dt, s) in non_weights.items()})
     write_safetensors(path, entries)

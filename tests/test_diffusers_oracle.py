@@ -42,6 +42,11 @@ def ckpt(sd1x_checkpoint):
 
 @pytest.fixture(scope="module")
 def inputs():
+    return oracle_inputs(context_width=768)
+
+
+def oracle_inputs(context_width):
+    """The oracle's prompts, image, latents, context (`context_width` wide) and draws."""
     tok = ti.build_tokenizer()
     placeholder_token_id, cat_id = ti.add_placeholder_token(tok, PLACEHOLDER, "cat")
     assert placeholder_token_id == NEW_TOKEN
@@ -61,7 +66,7 @@ def inputs():
         cat_id=cat_id,
         image=image,
         latents=f(1, RES // 8, RES // 8, 4),
-        context=f(1, 77, 768),
+        context=f(1, 77, context_width),
         eps=f(1, RES // 8, RES // 8, 4),
         noise=f(1, RES // 8, RES // 8, 4),
     )

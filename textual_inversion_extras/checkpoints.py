@@ -20,6 +20,14 @@ kernels go from OIHW to HWIO, dense kernels are transposed, and the VAE attentio
 `model_ema.*`, `first_stage_model.loss.*` and the noise-schedule buffers are not
 weights of these models.
 
+SD 2.x files load into KerasCV's V2 classes (`TextEncoderV2`, `DiffusionModelV2`; the
+family comes from the text encoder's width): OpenCLIP's text encoder
+(`cond_stage_model.model.*`) is read as the CLIP keys above, its first 23 layers, each
+fused `in_proj` split into query, key and value (`open_clip_as_clip_keys`). Checked
+against diffusers on a random SD 2.x checkpoint in `tests/test_sd2x_oracle.py`: the
+text encoding, the UNet's prediction, and the trainer's loss and gradient. The command
+line still takes SD 1.x checkpoints only (`check_base_model`).
+
 Checked against diffusers and transformers on the same random SD 1.x checkpoint
 (`tests/test_diffusers_oracle.py`): the text encoding, the VAE posterior mean, the
 UNet's noise prediction, the decoded image, and the trainer's loss and placeholder
@@ -47,6 +55,7 @@ BASE_MODEL = "KerasCV StableDiffusion v1.4 (CLIP ViT-L/14 text encoder)"
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."
+TEXT_LAYERS_V2 = 23  # of OpenCLIP ViT-H/14's 24: SD 2.x is guided by the penultimate
 
 
 def short_hash(path, chunk=1 << 20):
@@ -102,15 +111,55 @@ def safetensors_header(path):
     }
 
 
-def read_tensor(path, key, dtype, shape, span):
+def read_tensor(path, key, dtype, shape, span, part=None):
     """One tensor as float32 numpy, read with safetensors; BF16 (numpy lacks it) is widened by hand.
     The file is opened per tensor so its memory map (page cache in RSS) never grows to the whole file.
+    part: (first, last row, the stored shape) where the weight is rows of a stored tensor
+    (OpenCLIP's fused query, key and value projections).
     """
+    if part:
+        first, last, stored_shape = part
+        return read_tensor(path, key, dtype, stored_shape, span)[first:last]
     if dtype == "BF16":
         raw = np.fromfile(path, np.uint16, (span[1] - span[0]) // 2, offset=span[0])
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
     with safetensors.safe_open(path, framework="np") as f:
         return f.get_tensor(key).astype(np.float32)
+
+
+OPEN_CLIP = "cond_stage_model.model."
+OPEN_CLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                   "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}  # fmt: skip
+
+
+def open_clip_as_clip_keys(src):
+    """SD 2.x's OpenCLIP text encoder (`cond_stage_model.model.*`) under the CLIP keys of
+    SD 1.x, as KerasCV's TextEncoderV2 takes it: its first 23 of 24 layers (SD 2.x takes
+    the penultimate layer's output, then the final norm), each fused `in_proj` split into
+    the query, key and value rows. The projection to CLIP's joint space is not used."""
+    out = {k: v for k, v in src.items() if not k.startswith(OPEN_CLIP)}
+    fixed = {"token_embedding.weight": "embeddings.token_embedding.weight",
+             "positional_embedding": "embeddings.position_embedding.weight",
+             "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}  # fmt: skip
+    for name, clip_name in fixed.items():
+        if OPEN_CLIP + name in src:
+            out[CLIP + clip_name] = src[OPEN_CLIP + name]
+    for k, v in src.items():
+        m = re.fullmatch(re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.(.*)", k)
+        if not m or int(m[1]) >= TEXT_LAYERS_V2:
+            continue
+        layer, rest = f"{CLIP}encoder.layers.{m[1]}.", m[2]
+        fused = re.fullmatch(r"attn\.in_proj_(weight|bias)", rest)
+        if fused:
+            width = v[3][0] // 3
+            for i, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+                part = (i * width, (i + 1) * width, v[3])
+                out[f"{layer}self_attn.{projection}.{fused[1]}"] = v[:3] + ((width,) + v[3][1:], v[4], part)
+            continue
+        for name, clip_name in OPEN_CLIP_NAMES.items():
+            if rest.startswith(name + "."):
+                out[layer + clip_name + rest[len(name) :]] = v
+    return out
 
 
 def component_files(folder):
@@ -245,6 +294,8 @@ def read_source(path):
             "if torch.is_tensor(v)}, 'out.safetensors')\" and pass out.safetensors."
         )
     src = {k: (path, k) + v for k, v in safetensors_header(path).items()}
+    if any(k.startswith(OPEN_CLIP) for k in src):
+        return open_clip_as_clip_keys(src)
     old = "cond_stage_model.transformer.embeddings."  # pre-4.x transformers layout lacks "text_model."
     if old + "token_embedding.weight" in src:
         src = {
@@ -426,15 +477,16 @@ def variables_and_keys(layer, p):
 def walk_plan(layers, plan, prefix, what):
     names = [type(l).__name__ for l in layers]
     if names != [c for _, c in plan]:
-        raise RuntimeError(f"KerasCV {what} does not have the expected SD 1.x structure: {names}")
+        raise RuntimeError(f"KerasCV {what} does not have the expected structure: {names}")
     return [t for l, (p, _) in zip(layers, plan) if p for t in variables_and_keys(l, prefix + p)]
 
 
 def build_plan(sd):
     """[(variable, LDM key, kind)] covering every variable of the four models exactly once."""
     te, ie, dm, de = sd.text_encoder, sd.image_encoder, sd.diffusion_model, sd.decoder
+    layers = sum(type(layer).__name__ == "CLIPEncoderLayer" for layer in te.layers)  # 12 or 23
     te_plan = [("embeddings", "CLIPEmbedding")] + [
-        (f"encoder.layers.{i}", "CLIPEncoderLayer") for i in range(12)
+        (f"encoder.layers.{i}", "CLIPEncoderLayer") for i in range(layers)
     ]
     plan = walk_plan(
         main_path_layers(te),
@@ -470,29 +522,40 @@ def expected_shape(var, kind):
     return (s[1], s[0]) if kind == "dense" else s
 
 
-def check_model_family(src, path):
-    """Refuses SDXL, SD 2.x and inpainting files from their header alone."""
+EXAMPLE = {"SD 1.x": "v1-5-pruned-emaonly.safetensors", "SD 2.x": "v2-1_512-ema-pruned.safetensors"}
+
+
+def check_model_family(src, path, family="SD 1.x"):
+    """Refuses SDXL and inpainting files, and SD 1.x and 2.x ones where the other is
+    needed, from their header alone."""
     keys = set(src)
     shape = lambda k: src[k][3] if k in src else None
     if any(k.startswith(("conditioner.", UNET + "label_emb.")) for k in keys):
         raise UserError(
-            f"{path} is an SDXL checkpoint, but only SD 1.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors) are supported."
+            f"{path} is an SDXL checkpoint, but only {family} checkpoints (e.g. {EXAMPLE[family]}) are supported."
         )
     k_shape = shape(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     tok = shape(CLIP + "embeddings.token_embedding.weight")
-    if (
-        any(k.startswith("cond_stage_model.model.") for k in keys)
-        or (k_shape and k_shape[1] == 1024)
-        or (tok and tok[1] == 1024)
-    ):
+    sd2 = (k_shape and k_shape[1] == 1024) or (tok and tok[1] == 1024)
+    if sd2 and family != "SD 2.x":
         raise UserError(
-            f"{path} is an SD 2.x checkpoint (1024-wide text encoder), but only SD 1.x checkpoints (e.g. v1-5-pruned-emaonly.safetensors) are supported."
+            f"{path} is an SD 2.x checkpoint (1024-wide text encoder), but only {family} checkpoints (e.g. {EXAMPLE[family]}) are supported."
+        )
+    if (k_shape or tok) and not sd2 and family == "SD 2.x":
+        raise UserError(
+            f"{path} is an SD 1.x checkpoint (768-wide text encoder), but an SD 2.x checkpoint (e.g. {EXAMPLE[family]}) is needed here."
         )
     conv_in = shape(UNET + "input_blocks.0.0.weight")
     if conv_in and len(conv_in) == 4 and conv_in[1] != 4:
         raise UserError(
-            f"{path} has a {conv_in[1]}-channel UNet input (an inpainting or other special model); use a plain SD 1.x text-to-image checkpoint."
+            f"{path} has a {conv_in[1]}-channel UNet input (an inpainting or other special model); use a plain {family} text-to-image checkpoint."
         )
+
+
+def model_family(stable_diffusion):
+    """"SD 2.x" where the text encoder is 1024 wide (KerasCV's TextEncoderV2), else "SD 1.x"."""
+    width = stable_diffusion.text_encoder.output_shape[-1]
+    return "SD 2.x" if width == 1024 else "SD 1.x"
 
 
 SD1X_WEIGHTS_FILE = os.path.join(os.path.dirname(__file__), "sd1x_weights.json")
@@ -515,17 +578,17 @@ def check_base_model(path):
     validate(read_source(path), sd1x_weights(), path)
 
 
-def validate(src, expected, path):
+def validate(src, expected, path, family="SD 1.x"):
     """Raises UserError unless `src` holds every `expected` weight with the right shape."""
-    check_model_family(src, path)
+    check_model_family(src, path, family)
     missing = [k for k in expected if k not in src]
     if len(missing) == len(expected):
         raise UserError(
-            f"{path} holds no SD 1.x model weights (is it a LoRA, an embedding or a VAE alone?); give a full SD 1.x checkpoint."
+            f"{path} holds no {family} model weights (is it a LoRA, an embedding or a VAE alone?); give a full {family} checkpoint."
         )
     if missing:
         raise UserError(
-            f"{path} is not a complete SD 1.x checkpoint: {len(missing)} of {len(expected)} weights are missing (e.g. {missing[0]})."
+            f"{path} is not a complete {family} checkpoint: {len(missing)} of {len(expected)} weights are missing (e.g. {missing[0]})."
         )
     for k, (kind, want) in expected.items():
         got = src[k][3]
@@ -534,16 +597,16 @@ def validate(src, expected, path):
         )  # 1x1 conv stored as Linear
         if src[k][2] not in ("F16", "F32", "F64", "BF16"):
             raise UserError(
-                f"{path} is not an SD 1.x checkpoint: {k} is stored as {src[k][2]} where a float type is needed."
+                f"{path} is not an {family} checkpoint: {k} is stored as {src[k][2]} where a float type is needed."
             )
         if not ok:
             raise UserError(
-                f"{path} is not an SD 1.x checkpoint: {k} has shape {list(got)} where {list(want)} is needed."
+                f"{path} is not an {family} checkpoint: {k} has shape {list(got)} where {list(want)} is needed."
             )
 
 
 def load_base_model(path, stable_diffusion):
-    """Sets every weight of the four KerasCV SD 1.x models from path; returns {'hash', 'format'}.
+    """Sets every weight of the four KerasCV SD 1.x or 2.x models from path; returns {'hash', 'format'}.
 
     stable_diffusion: object with .text_encoder, .image_encoder, .diffusion_model, .decoder
     (built at any resolution; text encoder with the plain 49408-token vocabulary).
@@ -552,7 +615,8 @@ def load_base_model(path, stable_diffusion):
     path = os.fspath(path)
     src = read_source(path)
     plan = build_plan(stable_diffusion)
-    validate(src, expected_weights(plan), path)  # nothing is assigned before this passes
+    family = model_family(stable_diffusion)
+    validate(src, expected_weights(plan), path, family)  # nothing is assigned before this passes
     for var, k, kind in plan:
         w = read_tensor(*src[k])
         if kind == "conv":
