@@ -465,11 +465,9 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
     old_token_weights = old_embedding.token_embedding.get_weights()[0]
     new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
 
-    # SD 2.x's text encoder (KerasCV's TextEncoderV2) is 1024 wide, SD 1.x's 768.
-    sd_models = keras_cv.models.stable_diffusion
-    wide = new_token_weights.shape[1] == 1024
+    encoder_class = "TextEncoderV2" if new_token_weights.shape[1] == 1024 else "TextEncoder"
     with global_dtype_policy(text_encoder.dtype_policy.name):
-        new_encoder = (sd_models.TextEncoderV2 if wide else sd_models.TextEncoder)(
+        new_encoder = getattr(keras_cv.models.stable_diffusion, encoder_class)(
             MAX_PROMPT_LENGTH,
             vocab_size=len(new_token_weights),
             # Otherwise it would load the pretrained weights, of the old vocabulary size.

@@ -85,12 +85,17 @@ def torch_ref(ckpt, inputs, tmp_path_factory, checkpoint_command_line_run):
     line's run of the checkpoint ends first (its test, last here, checks it): the two
     processes of full-size models would not fit side by side."""
     checkpoint_command_line_run[1].wait(timeout=1500)
-    folder = tmp_path_factory.mktemp("diffusers")
+    return diffusers_references(ckpt, inputs, tmp_path_factory.mktemp("diffusers"))
+
+
+def diffusers_references(ckpt, inputs, folder, *options):
+    """tests/diffusers_reference.py's outputs on `ckpt`, run in `folder`, and the path of
+    the diffusers folder it writes, as out["folder"]."""
     arrays = {k: v for k, v in inputs.items() if k != "tokenizer"}
     np.savez(folder / "inputs.npz", **arrays)
     command = [
         sys.executable, os.path.join(HERE, "diffusers_reference.py"), ckpt,
-        folder / "inputs.npz", folder / "model", folder / "outputs.npz",
+        folder / "inputs.npz", folder / "model", folder / "outputs.npz", *options,
     ]  # fmt: skip
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,21 +12,16 @@ Memory: as for SD 1.x, the PyTorch references are computed first, in a process o
 own; then the KerasCV V2 models (5.2 GB in float32) are built in this one.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import textual_inversion as ti
 from diffusers_reference import LEARNING_RATE, NEW_TOKEN, TIMESTEP_STEP, TIMESTEP_UNET
 from sd1x_checkpoint import ldm_spec, write_random_checkpoint
-from test_diffusers_oracle import DiffusersDraws, compare, k_text, k_unet, oracle_inputs
-from test_diffusers_oracle import trainer_step
+from test_diffusers_oracle import DiffusersDraws, compare, diffusers_references, k_text, k_unet
+from test_diffusers_oracle import oracle_inputs, trainer_step
 from textual_inversion_extras import checkpoints
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RES = 128
 
 # Tolerances, relative to the reference's max |value|, 5-10x what was measured with this
@@ -53,19 +48,9 @@ def inputs():
 def torch_ref(sd2x_checkpoint, inputs, tmp_path_factory):
     """diffusers' and transformers' outputs (tests/diffusers_reference.py --sd2), in a
     process of its own, and the diffusers folder it writes."""
-    folder = tmp_path_factory.mktemp("diffusers-sd2")
-    np.savez(folder / "inputs.npz", **{k: v for k, v in inputs.items() if k != "tokenizer"})
-    command = [
-        sys.executable, os.path.join(HERE, "diffusers_reference.py"), sd2x_checkpoint,
-        folder / "inputs.npz", folder / "model", folder / "outputs.npz", "--sd2",
-    ]  # fmt: skip
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with np.load(folder / "outputs.npz") as saved:
-        out = {name: saved[name] for name in saved.files}
-    out["loss"] = float(out["loss"])
-    out["folder"] = str(folder / "model")
-    return out
+    return diffusers_references(
+        sd2x_checkpoint, inputs, tmp_path_factory.mktemp("diffusers-sd2"), "--sd2"
+    )
 
 
 @pytest.fixture(scope="module")
