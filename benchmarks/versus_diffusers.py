@@ -29,8 +29,8 @@ What it prints, per resolution:
   peak is the interpreter's and the free space the allocator keeps);
 - the distance to this CPU's floor: a step's FLOPs, by PyTorch's counter on diffusers'
   step (`count_flops`), over each side's ms/step, against the rate of a 4096 x 4096
-  matrix product in the compute dtype under each side's framework; that rate times the
-  FLOPs is the floor of a step. Both are measured after the peaks.
+  matrix product in the compute dtype under each side's framework; the FLOPs over that
+  rate is the floor of a step. Both are measured after the peaks.
 
 Each side runs in its default precision on this hardware: ours with `--precision auto`;
 diffusers with `--mixed_precision` none (float32), or bf16 where ours chose bfloat16,
@@ -261,13 +261,18 @@ def matmul_gflops_tensorflow(dtype, size=4096, repeats=5):
 
     a = tf.cast(tf.random.normal((size, size)), dtype)
     product = tf.function(lambda a: tf.matmul(a, a))
-    product(a).numpy()
+    return 2 * size**3 / best_seconds(lambda: product(a).numpy(), repeats) / 1e9
+
+
+def best_seconds(run, repeats):
+    """The shortest of `repeats` timed calls of `run()`, after one untimed call."""
+    run()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        product(a).numpy()
+        run()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return best
 
 
 def tensorflow_live_gb():
@@ -389,13 +394,7 @@ def matmul_gflops_torch(dtype, size=4096, repeats=5):
     import torch
 
     a = torch.randn(size, size).to(dtype)
-    torch.mm(a, a)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, a)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / best_seconds(lambda: torch.mm(a, a), repeats) / 1e9
 
 
 """
@@ -511,8 +510,9 @@ def main():
             f"GB at the training peak, in an anonymous peak of {ours['training_anonymous_gb']:.2f}"
             " GB (0 where TensorFlow does not count: see tensorflow_live_gb)."
         )
-    # How far a step is from this CPU's floor: the step's FLOPs (PyTorch's count of
-    # diffusers' step, the same products as ours) against each side's matmul rate.
+    # How far a step is from this CPU's floor: diffusers' FLOPs (PyTorch's count of its
+    # step; ours computes the same model, though its products need not be the same ones,
+    # e.g. what is recomputed) against each side's matmul rate.
     for resolution, ours, theirs in rows:
         flops = theirs["where"]["step_flops"]
         rates = []

@@ -268,7 +268,10 @@ def two_vector_encoder(concept, token):
 # full-size models last, the oracle first among them (about 11 GB, and a command-line
 # run of the checkpoint beside it).
 FIRST_MODULES = ["test_notebook.py", "test_runs_from_the_command_line.py"]
-LAST_MODULES = ["test_diffusers_oracle.py", "test_unet_backward.py", "test_mixed_precision.py"]
+LAST_MODULES = [
+    "test_diffusers_oracle.py", "test_sd2x_oracle.py", "test_unet_backward.py",
+    "test_mixed_precision.py",
+]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

@@ -1,9 +1,10 @@
 """The oracle's reference outputs from diffusers and transformers (PyTorch, CPU), for
-tests/test_diffusers_oracle.py: the text encoding, the VAE posterior's mean, the UNet's
-prediction, the decoded image, and the textual-inversion step of diffusers'
-examples/textual_inversion (its loss, the placeholder row's gradient and its vector after
-the example's AdamW update), on the random
-SD 1.x checkpoint. It also writes that checkpoint as a diffusers folder (float16).
+tests/test_diffusers_oracle.py and, with --sd2, tests/test_sd2x_oracle.py: the text
+encoding, the VAE posterior's mean, the UNet's prediction, the decoded image, and the
+textual-inversion step of diffusers' examples/textual_inversion (its loss, the
+placeholder row's gradient and its vector after the example's AdamW update), on the
+random SD 1.x (or 2.x) checkpoint. It also writes that checkpoint as a diffusers folder
+(float16).
 
 It runs in a process of its own (`python tests/diffusers_reference.py CHECKPOINT INPUTS
 FOLDER OUTPUT [--sd2]`), so that the 8 GB PyTorch holds at its peak, and what its allocator keeps
@@ -12,6 +13,7 @@ afterwards, never add to the test process's memory."""
 import gc
 import os
 import sys
+import types
 
 import numpy as np
 
@@ -54,12 +56,16 @@ def reference_outputs(ckpt, inputs, folder, sd2=False):
         return model.eval()
 
     out = {}
-    te = CLIPTextModel(CLIPTextConfig(**clip_config))
-    text_sd = sfu.convert_open_clip_checkpoint(te, sd) if sd2 else sfu.convert_ldm_clip_checkpoint(sd)
+    if sd2:  # the converter reads only the text encoder's configuration
+        config_only = types.SimpleNamespace(config=CLIPTextConfig(**clip_config))
+        text_sd = sfu.convert_open_clip_checkpoint(config_only, sd)
+    else:
+        text_sd = sfu.convert_ldm_clip_checkpoint(sd)
     text_sd = {k: v for k, v in text_sd.items() if "position_ids" not in k}
     vae_sd = sfu.convert_ldm_vae_checkpoint(sd, VAE_CONFIG)
     unet_sd = sfu.convert_ldm_unet_checkpoint(sd, unet_config)
     del sd
+    te = CLIPTextModel(CLIPTextConfig(**clip_config))
     if not any(
         k.startswith("text_model.") for k in te.state_dict()
     ):  # transformers 5 dropped the wrapper
@@ -134,6 +140,7 @@ if __name__ == "__main__":
     with np.load(inputs_file) as saved:
         arrays = {name: saved[name] for name in saved.files}
     arrays["cat_id"] = int(arrays["cat_id"])
+    assert sys.argv[5:] in ([], ["--sd2"]), sys.argv[5:]
     sd2 = sys.argv[5:] == ["--sd2"]
     outputs = reference_outputs(checkpoint, arrays, pathlib.Path(diffusers_folder), sd2)
     np.savez(output_file, **outputs)

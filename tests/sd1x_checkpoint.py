@@ -1,4 +1,4 @@
-"""A random full-size Stable Diffusion 1.x checkpoint in the original CompVis layout, as
+"""A random full-size Stable Diffusion 1.x (or 2.x) checkpoint in the original CompVis layout, as
 the release files are (float16, with the buffers and EMA leftovers real files hold), and
 the diffusers and transformers configurations of the same architecture."""
 
@@ -104,7 +104,10 @@ def ldm_spec(sd2=False):
     def st(p, c):
         norm(p + ".norm", c)
         for projection in (".proj_in", ".proj_out"):
-            lin(p + projection, c, c) if sd2 else conv(p + projection, c, c, 1)
+            if sd2:
+                lin(p + projection, c, c)
+            else:
+                conv(p + projection, c, c, 1)
         b = p + ".transformer_blocks.0."
         for a, ctx in (("attn1", c), ("attn2", context)):
             lin(b + a + ".to_q", c, c, False)

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x checkpoints into KerasCV's four models: `--base-model PATH`.
+"""Stable Diffusion 1.x (and 2.x) checkpoints into KerasCV's four models: `--base-model PATH`.
 
 A single `.safetensors` file in the original CompVis layout (`model.diffusion_model.*`,
 `first_stage_model.*`, `cond_stage_model.transformer.text_model.*`; float16, bfloat16
@@ -25,8 +25,10 @@ family comes from the text encoder's width): OpenCLIP's text encoder
 (`cond_stage_model.model.*`) is read as the CLIP keys above, its first 23 layers, each
 fused `in_proj` split into query, key and value (`open_clip_as_clip_keys`). Checked
 against diffusers on a random SD 2.x checkpoint in `tests/test_sd2x_oracle.py`: the
-text encoding, the UNet's prediction, and the trainer's loss and gradient. The command
-line still takes SD 1.x checkpoints only (`check_base_model`).
+text encoding, the UNet's prediction, and the trainer's loss and gradient, whose
+target is the noise: right for 512-base (epsilon) models, not yet for 768-v (velocity)
+ones, which a file's header does not tell apart. The command line still takes SD 1.x
+checkpoints only (`check_base_model`).
 
 Checked against diffusers and transformers on the same random SD 1.x checkpoint
 (`tests/test_diffusers_oracle.py`): the text encoding, the VAE posterior mean, the
@@ -484,7 +486,7 @@ def walk_plan(layers, plan, prefix, what):
 def build_plan(sd):
     """[(variable, LDM key, kind)] covering every variable of the four models exactly once."""
     te, ie, dm, de = sd.text_encoder, sd.image_encoder, sd.diffusion_model, sd.decoder
-    layers = sum(type(layer).__name__ == "CLIPEncoderLayer" for layer in te.layers)  # 12 or 23
+    layers = {768: 12, 1024: TEXT_LAYERS_V2}[te.output_shape[-1]]  # SD 1.x, SD 2.x
     te_plan = [("embeddings", "CLIPEmbedding")] + [
         (f"encoder.layers.{i}", "CLIPEncoderLayer") for i in range(layers)
     ]
