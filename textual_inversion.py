@@ -17,9 +17,8 @@ thing trained, while the VAE, the UNet and every other token stay frozen. Afterw
     python textual_inversion.py --images my_photos/  # your own concept
     python textual_inversion.py --help               # every flag, with its default
 
-With no flags this is the keras.io tutorial, which reads top to bottom first; what goes
-beyond it follows, reached through flags; the command line comes last.
-`tools/generate.py` draws with a saved embedding, `tools/evaluate.py` scores it.
+With no flags this is the keras.io tutorial, which reads first; the flags' extras and the
+command line follow. `tools/generate.py` draws with a saved embedding, `evaluate.py` scores it.
 """
 
 import argparse
@@ -41,7 +40,7 @@ from keras import ops
 from keras_cv.models.stable_diffusion import NoiseScheduler
 
 from textual_inversion_extras import checkpoints, hardware, photos, run_control, saving
-from textual_inversion_extras import unet_backward, watching
+from textual_inversion_extras import sd2x, unet_backward, watching
 from textual_inversion_extras.errors import Interrupted, UserError, run_command
 from textual_inversion_extras.errors import is_download_error, keras_download_cache
 from textual_inversion_extras.watching import slugify
@@ -255,8 +254,8 @@ def augment(image, seed):
 
 """
 Next the text: each prompt template gets the placeholder token in place of `{}`, is
-tokenized, and is padded with the end-of-text token to the text encoder's fixed length
-of 77.
+tokenized, and is padded to the text encoder's fixed length of 77 with the end-of-text
+token (or the tokenizer's `pad_token_id` where one is set: SD 2.x pads with 0).
 """
 
 
@@ -267,7 +266,8 @@ def encode_prompt(tokenizer, prompt):
             f'The prompt "{prompt}" is {len(token_ids)} tokens long, more than the '
             f"{MAX_PROMPT_LENGTH} the text encoder takes; shorten it."
         )
-    padding = [tokenizer.end_of_text] * (MAX_PROMPT_LENGTH - len(token_ids))
+    pad_token_id = getattr(tokenizer, "pad_token_id", tokenizer.end_of_text)
+    padding = [pad_token_id] * (MAX_PROMPT_LENGTH - len(token_ids))
     return np.array(token_ids + padding, dtype="int32")
 
 
@@ -464,15 +464,12 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
     old_embedding = get_embedding_layer(text_encoder)
     old_token_weights = old_embedding.token_embedding.get_weights()[0]
     new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
-
     encoder_class = "TextEncoderV2" if new_token_weights.shape[1] == 1024 else "TextEncoder"
     with global_dtype_policy(text_encoder.dtype_policy.name):
         new_encoder = getattr(keras_cv.models.stable_diffusion, encoder_class)(
-            MAX_PROMPT_LENGTH,
-            vocab_size=len(new_token_weights),
-            # Otherwise it would load the pretrained weights, of the old vocabulary size.
-            download_weights=False,
-        )
+            MAX_PROMPT_LENGTH, vocab_size=len(new_token_weights),
+            download_weights=False,  # the pretrained weights have the old vocabulary size
+        )  # fmt: skip
     for old_layer, new_layer in zip(text_encoder.layers, new_encoder.layers):
         if old_layer is old_embedding:
             new_layer.token_embedding.set_weights([new_token_weights])
@@ -506,7 +503,6 @@ def draw_samples(stable_diffusion, prompt, epoch, output_dir, steps=SAMPLE_STEPS
 ## Freezing everything but the new embedding
 
 Textual inversion trains only the placeholder's embedding; everything else is frozen.
-
 Keras's `Adam` weight-decays every row of a trainable variable, so training the whole
 49,409 x 768 token matrix, as the tutorial did, moves every other token too. The
 learned vector is a variable of its own, written into its row after each step.
@@ -523,9 +519,8 @@ def freeze_models(stable_diffusion):
 
 A few utilities first:
 
-- `sample_from_encoder_outputs` samples from the distribution the VAE image encoder
-  predicts, instead of taking only its mean as many StableDiffusion applications do
-  (`standard_normal(shape)` gives the noise for it).
+- `sample_from_encoder_outputs` samples the latents from the distribution the VAE image
+  encoder predicts, not only its mean (`standard_normal(shape)` gives the noise for it).
 - `get_timestep_embedding` makes the diffusion model's sinusoidal embedding of a batch
   of timesteps, at once (the tutorial mapped over them one by one).
 - `get_position_ids` gives the text encoder's position ids, `[[0, 1, ..., 76]]`.
@@ -581,22 +576,22 @@ Now the heart of textual inversion, `StableDiffusionFineTuner`: a `keras.Model` 
 the training images into latents (a sample of the predicted distribution, scaled by
 0.18215), random noise is added at a random timestep, and the frozen diffusion model
 predicts that noise, guided by the text encoder's encoding of the image's prompt. The
-loss is the mean squared error between the true and the predicted noise. Its gradient
-reaches the token embedding matrix through the text encoder; we keep only the
-placeholder's row of it, let the optimizer update the learned vector, and write that
-back into the matrix.
-
-The step's random numbers come from the trainer's seed generator; `step` counts steps.
+loss is the mean squared error between the true and the predicted noise (a velocity
+for SD 2.x's 768-v models). Its gradient reaches the token embedding matrix through the
+text encoder; we keep only the placeholder's row of it, let the optimizer update the
+learned vector, and write that back into the matrix. The step's random numbers come
+from the trainer's seed generator; `step` counts steps.
 """
 
 
 class StableDiffusionFineTuner(keras.Model):
     def __init__(
-        self, stable_diffusion, noise_scheduler, placeholder_token_ids, seed=None, **kwargs
-    ):
+        self, stable_diffusion, noise_scheduler, placeholder_token_ids, seed=None,
+        prediction_type="epsilon", **kwargs,
+    ):  # fmt: skip
         super().__init__(**kwargs)
         self.stable_diffusion = stable_diffusion
-        self.noise_scheduler = noise_scheduler
+        self.noise_scheduler, self.prediction_type = noise_scheduler, prediction_type
         self.placeholder_token_ids = ops.convert_to_tensor(placeholder_token_ids, dtype="int32")
         self.training_image_encoder = latent_distribution_encoder(stable_diffusion.image_encoder)
         self.token_embedding = get_embedding_layer(stable_diffusion.text_encoder).token_embedding
@@ -645,11 +640,14 @@ class StableDiffusionFineTuner(keras.Model):
         # Encode the prompts: the diffusion model's guide (its "context").
         encoder_hidden_state = self.stable_diffusion.text_encoder([token_ids, self.position_ids])
 
-        # Predict the noise, and compare it with the noise that was added.
+        # Predict the noise (SD 2.x 768-v models: the velocity), and compare with the truth.
         noise_pred = self.stable_diffusion.diffusion_model(
             [noisy_latents, get_timestep_embedding(timesteps), encoder_hidden_state]
         )
-        return ops.mean(ops.square(noise - ops.cast(noise_pred, "float32")))
+        target = noise
+        if self.prediction_type == "v_prediction":
+            target = sd2x.velocity(self.noise_scheduler.alphas_cumprod, latents, noise, timesteps)
+        return ops.mean(ops.square(target - ops.cast(noise_pred, "float32")))
 
     def scaled_loss(self, loss):
         """The loss to differentiate: the loss itself, unless the optimizer scales it
@@ -713,7 +711,7 @@ whole run; Adam has a small weight decay and the gradient norm is clipped.
 
 def build_trainer(
     stable_diffusion, placeholder_token_ids, learning_rate, seed=None, jit_compile=False,
-    trainer_class=None,
+    trainer_class=None, prediction_type="epsilon",
 ):  # fmt: skip
     noise_scheduler = NoiseScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", train_timesteps=1000
@@ -722,7 +720,7 @@ def build_trainer(
     # (under mixed_float16 Keras then scales the loss).
     trainer = (trainer_class or StableDiffusionFineTuner)(
         stable_diffusion, noise_scheduler, placeholder_token_ids, seed=seed, name="trainer",
-        dtype=stable_diffusion.text_encoder.dtype_policy.name,
+        dtype=stable_diffusion.text_encoder.dtype_policy.name, prediction_type=prediction_type,
     )  # fmt: skip
     optimizer = keras.optimizers.Adam(
         weight_decay=0.004, learning_rate=learning_rate, epsilon=1e-8, global_clipnorm=10
@@ -782,6 +780,7 @@ class TutorialRun:
     images, prompts = SINGLE_IMAGE_URLS, SINGLE_PROMPTS
     group_images, group_prompts = GROUP_IMAGE_URLS, GROUP_PROMPTS
     max_train_steps = None  # the tutorial trains every epoch; a number stops sooner
+    build_tokenizer = staticmethod(build_tokenizer)
 
     def add_token(self, tokenizer):
         """The new token's ids, and the ids of the words their rows start from."""
@@ -835,7 +834,7 @@ class TutorialRun:
 
 def run_tutorial(run=None):
     run = run or TutorialRun()
-    tokenizer = build_tokenizer()
+    tokenizer = run.build_tokenizer()
     placeholder_token_ids, initializer_ids = run.add_token(tokenizer)
     sets = run.text_image_pairs(tokenizer)
     stable_diffusion = run.build_stable_diffusion(tokenizer)
@@ -1263,19 +1262,24 @@ The global dtype policy is as it was afterwards (`global_dtype_policy`).
 
 
 def build_models(
-    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32"
-):
-    stable_diffusion = keras_cv.models.StableDiffusion(
-        img_height=resolution, img_width=resolution, jit_compile=jit_compile
-    )
-    set_part(stable_diffusion, "tokenizer", tokenizer)
+    resolution, tokenizer, random_weights=False, jit_compile=True, precision="float32",
+    family="SD 1.x", prediction_type="epsilon",
+):  # fmt: skip
+    """KerasCV's four models of `family`; SD 2.x's are its V2 classes, in `StableDiffusion2x`."""
     sd_models = keras_cv.models.stable_diffusion
+    if family == "SD 2.x":
+        stable_diffusion = sd2x.StableDiffusion2x(resolution, resolution, jit_compile, prediction_type)
+        text_encoder_class, unet_class = sd_models.TextEncoderV2, sd2x.DiffusionModelV2
+    else:
+        stable_diffusion = keras_cv.models.StableDiffusion(
+            img_height=resolution, img_width=resolution, jit_compile=jit_compile
+        )
+        text_encoder_class, unet_class = sd_models.TextEncoder, sd_models.DiffusionModel
+    set_part(stable_diffusion, "tokenizer", tokenizer)
     with global_dtype_policy(keras.mixed_precision.Policy(precision).compute_dtype):
         if random_weights:
             image_encoder = sd_models.ImageEncoder(download_weights=False)
-            unet = sd_models.DiffusionModel(
-                resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False
-            )
+            unet = unet_class(resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False)
             decoder = sd_models.Decoder(resolution, resolution, download_weights=False)
             set_part(stable_diffusion, "image_encoder", image_encoder)
             set_part(stable_diffusion, "diffusion_model", unet)
@@ -1283,7 +1287,7 @@ def build_models(
         frozen_models = sd_parts(stable_diffusion, SD_PARTS[1:])
     with global_dtype_policy(precision):
         if random_weights:
-            text_encoder = sd_models.TextEncoder(MAX_PROMPT_LENGTH, download_weights=False)
+            text_encoder = text_encoder_class(MAX_PROMPT_LENGTH, download_weights=False)
             set_part(stable_diffusion, "text_encoder", text_encoder)
             for model in [stable_diffusion.text_encoder, *frozen_models]:
                 model.compile(jit_compile=jit_compile)  # as keras-cv does
@@ -1292,29 +1296,29 @@ def build_models(
 
 
 """
-## Extras: other Stable Diffusion 1.x checkpoints
+## Extras: other Stable Diffusion 1.x and 2.x checkpoints
 
-`--base-model PATH` trains (and `tools/` draw) on any SD 1.x checkpoint, an SD 1.5
+`--base-model PATH` trains (and `tools/` draw) on any SD 1.x or 2.x checkpoint, a
 `.safetensors` file or a diffusers folder, read by `textual_inversion_extras/checkpoints.py`
-into KerasCV's four models; nothing is downloaded.
+into KerasCV's four models (SD 2.x: its V2 classes, `textual_inversion_extras/sd2x.py`);
+nothing is downloaded. The header tells the family; `--prediction-type` whether the UNet
+predicts the noise or, as SD 2.x's 768-v models do, the velocity.
 """
 
 
 def build_base_model(
-    resolution,
-    tokenizer,
-    base_model=None,
-    random_weights=False,
-    jit_compile=True,
-    precision="float32",
-):
-    """`build_models`, with the weights of the `base_model` file or folder
-    when one is given (the models are then built without downloading any)."""
+    resolution, tokenizer, base_model=None, random_weights=False, jit_compile=True,
+    precision="float32", prediction_type="epsilon",
+):  # fmt: skip
+    """`build_models`, with the weights of the `base_model` file or folder when one is
+    given (the models, of its family, are then built without downloading any)."""
+    family = checkpoints.check_base_model(base_model) if base_model else "SD 1.x"
     stable_diffusion = build_models(
-        resolution, tokenizer, random_weights or bool(base_model), jit_compile, precision
-    )
+        resolution, tokenizer, random_weights or bool(base_model), jit_compile, precision,
+        family, prediction_type,
+    )  # fmt: skip
     if base_model:
-        print(f"Loading the base model {base_model}.")
+        print(f"Loading the {family} base model {base_model}.")
         checkpoints.load_base_model(base_model, stable_diffusion)
     return stable_diffusion
 
@@ -1500,10 +1504,17 @@ def add_machine_flags(parser):
     )  # fmt: skip
     parser.add_argument(
         "--base-model", metavar="PATH",
-        help="An SD 1.x checkpoint to use instead of KerasCV's v1.4 weights: a "
+        help="An SD 1.x or 2.x checkpoint to use instead of KerasCV's v1.4 weights: a "
         ".safetensors file in the original (CompVis) layout, such as "
-        "v1-5-pruned-emaonly.safetensors, or a diffusers folder; nothing is downloaded "
-        "(default: KerasCV's v1.4, downloaded once).",
+        "v1-5-pruned-emaonly.safetensors or v2-1_768-ema-pruned.safetensors, or a "
+        "diffusers folder; nothing is downloaded (default: KerasCV's v1.4, downloaded once).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prediction-type", choices=sd2x.PREDICTION_TYPES, default="auto",
+        help="What the base model's UNet predicts: the noise (epsilon; SD 1.x, SD 2.x 512-base) "
+        "or the velocity (v_prediction; SD 2.x 768-v). auto: a diffusers folder's scheduler "
+        "config, else a .yaml beside the file (AUTOMATIC1111's), else v_prediction for an "
+        "SD 2.x file named *768* or at --resolution 768+, else epsilon (default: %(default)s).",
     )  # fmt: skip
     parser.add_argument(
         "--random-weights", action="store_true",
@@ -1539,12 +1550,19 @@ def add_drawing_flags(parser, images_flag, images_default):
 
 
 def check_machine_args(args):
-    """The model flags: a base model that is not a whole SD 1.x model is refused before
-    any model is built (from the file's header alone)."""
+    """The model flags: a base model that is not a whole SD 1.x or 2.x model is refused
+    before any model is built (from the file's header alone), and its family kept in
+    `args.base_model_family`; --prediction-type auto becomes what the model predicts."""
     if args.base_model and args.random_weights:
         raise UserError("--base-model and --random-weights exclude each other; pass one.")
-    if args.base_model:
-        checkpoints.check_base_model(args.base_model)
+    family = checkpoints.check_base_model(args.base_model) if args.base_model else "SD 1.x"
+    hardware.check_precision_fits(args.precision, family)
+    args.base_model_family, flag = family, args.prediction_type
+    args.prediction_type, reason = sd2x.prediction_type(
+        flag, args.base_model, family, args.resolution
+    )
+    if flag == "auto" and family == "SD 2.x":
+        print(f"--prediction-type auto: {args.prediction_type}; {reason}.")
 
 
 def check_drawing_args(args):
@@ -1703,19 +1721,25 @@ class CommandLineRun(TutorialRun):
         saving.prepare_output_dir(args.output_dir, args.resume)
         # The same --seed gives the same models (with --random-weights) and the same run.
         keras.utils.set_random_seed(args.seed)
-        self.resumed = saving.load_embedding(args.resume) if args.resume else None
+        self.resumed = saving.load_embedding(args.resume, args.base_model_family) if args.resume else None
         self.token = self.resumed.token if self.resumed else args.placeholder_token
         self.num_vectors = len(self.resumed.vectors) if self.resumed else args.num_vectors
         if self.resumed and self.resumed.token != args.placeholder_token:
             print(f"Resuming the embedding of {self.token} from {args.resume}.")
         # The placeholder as prompts write it: all its vectors' tokens.
         self.placeholder_token = placeholder_text(self.token, self.num_vectors)
-        self.precision = hardware.resolve_precision(args.precision)
+        self.precision = hardware.resolve_precision(args.precision, args.base_model_family)
         self.jit_compile = hardware.use_xla(args.xla, args.distribute)
         # With --distribute the models are built on every device.
         self.strategy = hardware.distribution_strategy(args.distribute, args.batch_size)
         self.state, self.initial_step, self.fingerprint = None, 0, {}
         self.saver, self.total_steps = None, None  # set as training starts
+
+    def build_tokenizer(self):
+        tokenizer = build_tokenizer()
+        if self.args.base_model_family == "SD 2.x":
+            tokenizer.pad_token_id = sd2x.PAD_TOKEN_ID  # as SD 2.x's OpenCLIP pads prompts
+        return tokenizer
 
     def add_token(self, tokenizer):
         args = self.args
@@ -1749,7 +1773,7 @@ class CommandLineRun(TutorialRun):
         with self.strategy.scope():
             return build_base_model(
                 args.resolution, tokenizer, args.base_model, args.random_weights,
-                self.jit_compile, self.precision,
+                self.jit_compile, self.precision, args.prediction_type,
             )  # fmt: skip
 
     def extend_text_encoder(self, stable_diffusion, initializer_ids):
@@ -1797,6 +1821,7 @@ class CommandLineRun(TutorialRun):
             trainer = build_trainer(
                 stable_diffusion, placeholder_token_ids, learning_rate, seed=args.seed,
                 jit_compile=self.jit_compile, trainer_class=fine_tuner_class(args),
+                prediction_type=args.prediction_type,
             )  # fmt: skip
         if self.state:
             saving.restore_training_state(trainer, self.state)
@@ -1828,7 +1853,7 @@ class CommandLineRun(TutorialRun):
         on_off = {True: "on", False: "off"}
         print(
             f"Training in {self.precision}, XLA {on_off[self.jit_compile]}, gradient "
-            f"checkpointing {on_off[args.gradient_checkpointing]}."
+            f"checkpointing {on_off[args.gradient_checkpointing]}, {trainer.prediction_type} target."
         )
         with run_control.stop_training_on_signals(trainer) as signals_received:
             callbacks.append(run_control.StopAfterSignal(signals_received))

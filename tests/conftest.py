@@ -197,6 +197,17 @@ def sd1x_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd2x_checkpoint(tmp_path_factory):
+    """A random full-size SD 2.x checkpoint in the CompVis layout, its text encoder
+    OpenCLIP's (tests/sd1x_checkpoint.py)."""
+    from sd1x_checkpoint import write_random_checkpoint
+
+    path = str(tmp_path_factory.mktemp("checkpoint") / "sd2x-random.safetensors")
+    write_random_checkpoint(path, sd2=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def checkpoint_command_line_run(sd1x_checkpoint, image_folder, tmp_path_factory):
     """The command line on the full-size checkpoint, as a user runs it: 1 training
     step, then `tools/generate.py` draws with what it learned, in the background. The
@@ -269,8 +280,8 @@ def two_vector_encoder(concept, token):
 # run of the checkpoint beside it).
 FIRST_MODULES = ["test_notebook.py", "test_runs_from_the_command_line.py"]
 LAST_MODULES = [
-    "test_diffusers_oracle.py", "test_sd2x_oracle.py", "test_unet_backward.py",
-    "test_mixed_precision.py",
+    "test_diffusers_oracle.py", "test_sd2x_oracle.py", "test_sd2x_command_line.py",
+    "test_unet_backward.py", "test_mixed_precision.py",
 ]  # fmt: skip
 
 

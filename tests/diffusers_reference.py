@@ -2,8 +2,9 @@
 tests/test_diffusers_oracle.py and, with --sd2, tests/test_sd2x_oracle.py: the text
 encoding, the VAE posterior's mean, the UNet's prediction, the decoded image, and the
 textual-inversion step of diffusers' examples/textual_inversion (its loss, the
-placeholder row's gradient and its vector after the example's AdamW update), on the
-random SD 1.x (or 2.x) checkpoint. It also writes that checkpoint as a diffusers folder
+placeholder row's gradient and its vector after the example's AdamW update; for SD 2.x
+also the loss and gradient of a v-prediction model), on the random SD 1.x (or 2.x)
+checkpoint. It also writes that checkpoint as a diffusers folder
 (float16).
 
 It runs in a process of its own (`python tests/diffusers_reference.py CHECKPOINT INPUTS
@@ -116,6 +117,11 @@ def reference_outputs(ckpt, inputs, folder, sd2=False):
     noisy = sched.add_noise(latents, noise, t)
     hidden = te(torch.from_numpy(inputs["step_ids"]).long())[0]
     pred = unet(noisy, t, hidden).sample
+    if sd2:  # a 768-v model's loss: the velocity as the target (diffusers' get_velocity)
+        velocity = sched.get_velocity(latents, noise, t)
+        loss_v = torch.nn.functional.mse_loss(pred.float(), velocity.float(), reduction="mean")
+        out["loss_v"] = float(loss_v.detach())
+        out["grad_v"] = torch.autograd.grad(loss_v, emb, retain_graph=True)[0][NEW_TOKEN].numpy()
     loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
     loss.backward()
     out["loss"] = float(loss.detach())

@@ -56,7 +56,7 @@ def test_a_diffusers_style_1d_vector_loads_as_one_row(tmp_path):
 @pytest.mark.parametrize(
     "tensors, message",
     [
-        ({"<sd2-token>": np.zeros((1, 1024), dtype="float32")}, "768 wide"),
+        ({"<sd2-token>": np.zeros((1, 1024), dtype="float32")}, "SD 1.x models are 768 wide"),
         ({"<a>": np.zeros((1, 768), "float32"), "<b>": np.zeros((1, 768), "float32")}, "2 tensors"),
     ],
 )

@@ -1,12 +1,13 @@
 """diffusers as the oracle for SD 2.x: one random full-size SD 2.x checkpoint in the
 CompVis layout (its text encoder OpenCLIP ViT-H/14's, as the v2-1 release files hold
 it), converted by diffusers' own single-file code and run by diffusers and transformers
-(PyTorch, CPU), and read by `checkpoints.load_base_model` into KerasCV's V2 classes
-(`TextEncoderV2`, `DiffusionModelV2`, built with `download_weights=False`), must give
-the same text encoding (the penultimate layer, then the final norm), the same UNet
-prediction and, in the shipped trainer with the text encoder extended from "cat", the
-same loss and placeholder gradient as diffusers' textual-inversion step (an epsilon
-model: SD 2.x 512-base). The checkpoint's diffusers folder holds the same weights.
+(PyTorch, CPU), and built and loaded by `build_base_model` as `--base-model` does, into
+KerasCV's V2 classes (`TextEncoderV2`, `DiffusionModelV2`, `download_weights=False`),
+must give the same text encoding (the penultimate layer, then the final norm), VAE
+posterior mean, UNet prediction and decoded image and, in the shipped trainer with the
+text encoder extended from "cat", the same loss and placeholder gradient as diffusers'
+textual-inversion step, for an epsilon model (SD 2.x 512-base) and a v-prediction one
+(768-v). The checkpoint's diffusers folder holds the same weights.
 
 Memory: as for SD 1.x, the PyTorch references are computed first, in a process of their
 own; then the KerasCV V2 models (5.2 GB in float32) are built in this one.
@@ -17,26 +18,23 @@ import pytest
 
 import textual_inversion as ti
 from diffusers_reference import LEARNING_RATE, NEW_TOKEN, TIMESTEP_STEP, TIMESTEP_UNET
-from sd1x_checkpoint import ldm_spec, write_random_checkpoint, write_safetensors
+from sd1x_checkpoint import ldm_spec, write_safetensors
 from test_diffusers_oracle import DiffusersDraws, assert_one_sentence, compare, fingerprint
-from test_diffusers_oracle import diffusers_references, k_text, k_unet, oracle_inputs, trainer_step
+from test_diffusers_oracle import diffusers_references, k_moments, k_text, k_unet
+from test_diffusers_oracle import oracle_inputs, trainer_step
 from textual_inversion_extras import checkpoints
 
 RES = 128
 
 # Tolerances, relative to the reference's max |value|, about 10x what was measured with this
-# seed in float32 on an AMD EPYC (text 2.1e-4, UNet 1.5e-4, loss 7.8e-6, gradient 4.3e-4;
-# the test prints them). The text encoding's is KerasCV's own arithmetic: TextEncoderV2
+# seed in float32 on an AMD EPYC (text 2.1e-4, VAE mean 3.6e-5, UNet 1.5e-4, decoder
+# 8.4e-6, loss 7.8e-6, gradient 4.3e-4; with the velocity as target, loss 4.4e-5 and
+# gradient 5.3e-4: the target holds the latents, and so the VAE's own difference; the
+# test prints them). The text encoding's is KerasCV's own arithmetic: TextEncoderV2
 # uses the tanh approximation of GELU where OpenCLIP's is exact (with the exact one, 1.2e-6
 # was measured). float32 only: no bfloat16 kernel, so every CPU computes the same products.
-TOL = {"text": 2e-3, "unet": 2e-3, "loss": 1e-4, "grad": 4e-3}
-
-
-@pytest.fixture(scope="module")
-def sd2x_checkpoint(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("checkpoint") / "sd2x-random.safetensors")
-    write_random_checkpoint(path, sd2=True)
-    return path
+TOL = {"text": 2e-3, "vae_mean": 2e-4, "unet": 2e-3, "decoded": 1e-4, "loss": 1e-4, "grad": 4e-3}
+TOL["loss_v"], TOL["grad_v"] = 5e-4, TOL["grad"]
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +55,25 @@ def torch_ref(sd2x_checkpoint, inputs, tmp_path_factory, checkpoint_command_line
 
 @pytest.fixture(scope="module")
 def km(torch_ref, sd2x_checkpoint):
-    """KerasCV's SD 2.x models at 128 px in float32, from the checkpoint, once the
-    references are computed."""
-    import keras_cv
-    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModelV2
-
-    sd_models = keras_cv.models.stable_diffusion  # which does not export DiffusionModelV2
-    stable_diffusion = keras_cv.models.StableDiffusionV2(RES, RES, jit_compile=False)
-    ti.set_part(stable_diffusion, "tokenizer", ti.build_tokenizer())
-    parts = {
-        "text_encoder": sd_models.TextEncoderV2(ti.MAX_PROMPT_LENGTH, download_weights=False),
-        "image_encoder": sd_models.ImageEncoder(download_weights=False),
-        "diffusion_model": DiffusionModelV2(
-            RES, RES, ti.MAX_PROMPT_LENGTH, download_weights=False
-        ),
-        "decoder": sd_models.Decoder(RES, RES, download_weights=False),
-    }
-    for part, model in parts.items():
-        ti.set_part(stable_diffusion, part, model)
-    checkpoints.load_base_model(sd2x_checkpoint, stable_diffusion)
+    """KerasCV's SD 2.x models at 128 px in float32, built and loaded from the checkpoint
+    by `build_base_model`, as `--base-model` does, once the references are computed."""
+    stable_diffusion = ti.build_base_model(
+        RES, ti.build_tokenizer(), sd2x_checkpoint, jit_compile=False
+    )
     yield stable_diffusion
-    for part in parts:
+    for part in ti.SD_PARTS:
         ti.set_part(stable_diffusion, part, None)
+
+
+def test_build_base_model_builds_kerascvs_v2_classes_for_an_sd2_file(km):
+    assert type(km.text_encoder).__name__ == "TextEncoderV2"
+    assert type(km.diffusion_model).__name__ == "DiffusionModelV2"
+    assert checkpoints.model_family(km) == "SD 2.x"
+
+
+def test_the_weights_checked_before_building_sd2_models_are_those_they_take(km):
+    expected = checkpoints.expected_weights(checkpoints.build_plan(km))
+    assert checkpoints.family_weights("SD 2.x") == expected
 
 
 def test_kerascvs_v2_models_take_every_weight_of_an_sd2_checkpoint_but_its_unused_ones(km):
@@ -102,29 +97,46 @@ def test_the_sd2_text_encoder_encodes_as_transformers_does_with_the_penultimate_
     compare("text", k_text(km, inputs["prompt_ids"]), torch_ref["text"], TOL["text"])
 
 
-def test_the_sd2_unet_predicts_the_noise_diffusers_predicts(km, torch_ref, inputs):
+def test_the_sd2_vae_encoder_gives_the_diffusers_posterior_mean(km, torch_ref, inputs):
+    moments = k_moments(km, inputs["image"])
+    compare("vae_mean", moments[..., :4], torch_ref["vae_mean"], TOL["vae_mean"])
+
+
+def test_the_sd2_unet_predicts_what_diffusers_predicts(km, torch_ref, inputs):
     prediction = k_unet(km, inputs["latents"], TIMESTEP_UNET, inputs["context"])
     compare("unet", prediction, torch_ref["unet"], TOL["unet"])
 
 
-def test_the_training_step_on_sd2_gives_the_diffusers_loss_and_gradient(km, torch_ref, inputs):
+def test_the_sd2_decoder_draws_the_image_diffusers_draws(km, torch_ref, inputs):
+    decoded = km.decoder(inputs["latents"], training=False)
+    compare("decoded", decoded, torch_ref["decoded"], TOL["decoded"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_training_step_on_sd2_gives_the_diffusers_loss_and_gradient(
+    km, torch_ref, inputs, prediction_type
+):
     """The shipped trainer, its text encoder extended by `extend_text_encoder` (a
-    TextEncoderV2 with the 1024-wide row of "cat" appended)."""
+    TextEncoderV2 with the 1024-wide row of "cat" appended); for a v-prediction model
+    the target is the velocity, as diffusers' `get_velocity` gives it."""
     original = km.text_encoder
     cat_row = ti.token_rows(original, [inputs["cat_id"]])
     try:
         ti.set_part(km, "text_encoder", ti.extend_text_encoder(original, cat_row))
         ti.freeze_models(km)
         trainer = ti.build_trainer(
-            km, [NEW_TOKEN], learning_rate=LEARNING_RATE, seed=0, trainer_class=DiffusersDraws
-        )
+            km, [NEW_TOKEN], learning_rate=LEARNING_RATE, seed=0, trainer_class=DiffusersDraws,
+            prediction_type=prediction_type,
+        )  # fmt: skip
         trainer.use_draws(inputs["eps"], inputs["noise"], TIMESTEP_STEP)
         loss, gradient = trainer_step(trainer, inputs)
     finally:
         ti.set_part(km, "text_encoder", original)
+    suffix = "_v" if prediction_type == "v_prediction" else ""
     assert gradient.shape == (1024,)
-    compare("loss", np.array([loss]), np.array([torch_ref["loss"]]), TOL["loss"])
-    compare("grad", gradient, torch_ref["grad"], TOL["grad"])
+    loss_ref = np.array([torch_ref["loss" + suffix]])
+    compare("loss" + suffix, np.array([loss]), loss_ref, TOL["loss" + suffix])
+    compare("grad" + suffix, gradient, torch_ref["grad" + suffix], TOL["grad" + suffix])
 
 
 def test_an_sd2_diffusers_folder_holds_the_weights_its_checkpoint_gives(

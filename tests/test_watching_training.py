@@ -179,7 +179,7 @@ def test_a_run_says_how_it_trains_and_with_xla_on_trains_a_compiled_step(
     ]  # fmt: skip
     with stand_in_models():
         _, trainer = ti.main(argv)
-    assert "Training in float32, XLA on, gradient checkpointing on." in capsys.readouterr().out
+    assert "Training in float32, XLA on, gradient checkpointing on, epsilon target." in capsys.readouterr().out
     assert trainer.jit_compile is True
     assert int(trainer.step.numpy()) == 1
 

@@ -25,10 +25,10 @@ family comes from the text encoder's width): OpenCLIP's text encoder
 (`cond_stage_model.model.*`) is read as the CLIP keys above, its first 23 layers, each
 fused `in_proj` split into query, key and value (`open_clip_as_clip_keys`). Checked
 against diffusers on a random SD 2.x checkpoint in `tests/test_sd2x_oracle.py`: the
-text encoding, the UNet's prediction, and the trainer's loss and gradient, whose
-target is the noise: right for 512-base (epsilon) models, not yet for 768-v (velocity)
-ones, which a file's header does not tell apart. The command line still takes SD 1.x
-checkpoints only (`check_base_model`).
+text encoding, the VAE, the UNet's prediction, the decoder, and the trainer's loss and
+gradient, with the noise (512-base) or the velocity (768-v) as target. What else
+differs for SD 2.x, and which of the two a file is, `sd2x.py` says. `check_base_model`
+checks a file against `sd1x_weights.json` or `sd2x_weights.json`, by its family.
 
 Checked against diffusers and transformers on the same random SD 1.x checkpoint
 (`tests/test_diffusers_oracle.py`): the text encoding, the VAE posterior mean, the
@@ -244,14 +244,14 @@ def read_diffusers_folder(folder):
         files = component_files(os.path.join(folder, sub))
         if not files:
             raise UserError(
-                f"{folder} has no {sub}/*.safetensors; give a diffusers SD 1.x folder or a single .safetensors checkpoint."
+                f"{folder} has no {sub}/*.safetensors; give a diffusers SD 1.x or 2.x folder or a single .safetensors checkpoint."
             )
         parts[sub] = {k: (f, k) + v for f in files for k, v in safetensors_header(f).items()}
     if os.path.isdir(os.path.join(folder, "text_encoder_2")) or any(
         k.startswith("add_embedding.") for k in parts["unet"]
     ):
         raise UserError(
-            f"{folder} is an SDXL model, but only SD 1.x checkpoints (e.g. stable-diffusion-v1-5) are supported."
+            f"{folder} is an SDXL model, but only SD 1.x and 2.x checkpoints (e.g. stable-diffusion-v1-5) are supported."
         )
     up_has_attn = {
         int(m[1]): True
@@ -277,7 +277,7 @@ def read_source(path):
     """{ldm_key: (file, file_key, dtype, shape, span)} for a single file or a diffusers folder."""
     if not os.path.exists(path):
         raise UserError(
-            f"{path} does not exist; give an SD 1.x .safetensors file or a diffusers folder."
+            f"{path} does not exist; give an SD 1.x or 2.x .safetensors file or a diffusers folder."
         )
     if os.path.isdir(path):
         return read_diffusers_folder(path)
@@ -530,20 +530,17 @@ EXAMPLE = {"SD 1.x": "v1-5-pruned-emaonly.safetensors", "SD 2.x": "v2-1_512-ema-
 def check_model_family(src, path, family="SD 1.x"):
     """Refuses SDXL and inpainting files, and SD 1.x and 2.x ones where the other is
     needed, from their header alone."""
-    keys = set(src)
     shape = lambda k: src[k][3] if k in src else None
-    if any(k.startswith(("conditioner.", UNET + "label_emb.")) for k in keys):
+    if any(k.startswith(("conditioner.", UNET + "label_emb.")) for k in src):
         raise UserError(
-            f"{path} is an SDXL checkpoint, but only {family} checkpoints (e.g. {EXAMPLE[family]}) are supported."
+            f"{path} is an SDXL checkpoint, but only SD 1.x and 2.x checkpoints (e.g. {EXAMPLE[family]}) are supported."
         )
-    k_shape = shape(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    tok = shape(CLIP + "embeddings.token_embedding.weight")
-    sd2 = (k_shape and k_shape[1] == 1024) or (tok and tok[1] == 1024)
+    known, sd2 = header_family(src)
     if sd2 and family != "SD 2.x":
         raise UserError(
             f"{path} is an SD 2.x checkpoint (1024-wide text encoder), but only {family} checkpoints (e.g. {EXAMPLE[family]}) are supported."
         )
-    if (k_shape or tok) and not sd2 and family == "SD 2.x":
+    if known and not sd2 and family == "SD 2.x":
         raise UserError(
             f"{path} is an SD 1.x checkpoint (768-wide text encoder), but an SD 2.x checkpoint (e.g. {EXAMPLE[family]}) is needed here."
         )
@@ -554,13 +551,26 @@ def check_model_family(src, path, family="SD 1.x"):
         )
 
 
+def header_family(src):
+    """(whether the header tells, whether it is SD 2.x): from the width of the text
+    encoder's rows or of the UNet's cross-attention keys, 1024 for SD 2.x, 768 for SD 1.x."""
+    shape = lambda k: src[k][3] if k in src else None
+    k_shape = shape(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    tok = shape(CLIP + "embeddings.token_embedding.weight")
+    sd2 = bool((k_shape and k_shape[1] == 1024) or (tok and tok[1] == 1024))
+    return bool(k_shape or tok), sd2
+
+
 def model_family(stable_diffusion):
     """"SD 2.x" where the text encoder is 1024 wide (KerasCV's TextEncoderV2), else "SD 1.x"."""
     width = stable_diffusion.text_encoder.output_shape[-1]
     return "SD 2.x" if width == 1024 else "SD 1.x"
 
 
-SD1X_WEIGHTS_FILE = os.path.join(os.path.dirname(__file__), "sd1x_weights.json")
+WEIGHTS_FILES = {
+    family: os.path.join(os.path.dirname(__file__), name)
+    for family, name in [("SD 1.x", "sd1x_weights.json"), ("SD 2.x", "sd2x_weights.json")]
+}
 
 
 def expected_weights(plan):
@@ -568,16 +578,20 @@ def expected_weights(plan):
     return {k: (kind, expected_shape(var, kind)) for var, k, kind in plan}
 
 
-def sd1x_weights():
-    """`expected_weights` of KerasCV's four SD 1.x models, read from SD1X_WEIGHTS_FILE
-    instead of building the models."""
-    with open(SD1X_WEIGHTS_FILE) as f:
+def family_weights(family):
+    """`expected_weights` of KerasCV's four models of `family` ("SD 1.x" or "SD 2.x"),
+    read from its WEIGHTS_FILES instead of building the models."""
+    with open(WEIGHTS_FILES[family]) as f:
         return {k: (kind, tuple(shape)) for k, (kind, shape) in json.load(f).items()}
 
 
 def check_base_model(path):
-    """Refuses, from the header alone, a file or folder that is not a whole SD 1.x model."""
-    validate(read_source(path), sd1x_weights(), path)
+    """Refuses, from the header alone, a file or folder that is not a whole SD 1.x or
+    SD 2.x model; returns which of the two it is."""
+    src = read_source(path)
+    family = "SD 2.x" if header_family(src)[1] else "SD 1.x"
+    validate(src, family_weights(family), path, family)
+    return family
 
 
 def validate(src, expected, path, family="SD 1.x"):

@@ -21,19 +21,21 @@ from textual_inversion_extras.errors import UserError
 
 The tutorial's result died with its Colab session. Here the learned embedding is saved
 every `--save-every` epochs and at the end, as `learned_embeds.safetensors`: a single
-tensor, `{placeholder_token: float32 [num_vectors, 768]}`. That is the layout diffusers'
-`load_textual_inversion`, AUTOMATIC1111 and ComfyUI read for Stable Diffusion 1.x
-models, which all share this CLIP ViT-L/14 text encoder. The file's metadata header
+tensor, `{placeholder_token: float32 [num_vectors, 768]}` (1024 wide for SD 2.x). That is
+the layout diffusers' `load_textual_inversion`, AUTOMATIC1111 and ComfyUI read for
+Stable Diffusion 1.x models, which all share this CLIP ViT-L/14 text encoder, and for
+SD 2.x ones (OpenCLIP ViT-H/14). The file's metadata header
 records how it was made. `--resume` goes on training from such a file.
 """
 
 EMBEDDING_FILE = "learned_embeds.safetensors"
-EMBEDDING_WIDTH = 768  # CLIP ViT-L/14, the text encoder of Stable Diffusion 1.x
+# The text encoders' width: CLIP ViT-L/14 (Stable Diffusion 1.x), OpenCLIP ViT-H/14 (2.x).
+EMBEDDING_WIDTHS = {"SD 1.x": 768, "SD 2.x": 1024}
 
 
 class LearnedEmbedding(NamedTuple):
     token: str
-    vectors: np.ndarray  # float32 [num_vectors, 768]
+    vectors: np.ndarray  # float32 [num_vectors, 768] (SD 1.x; 1024 for SD 2.x)
     metadata: dict
 
 
@@ -54,7 +56,8 @@ def save_embedding(path, token, vectors, metadata):
             os.remove(partial_path)
 
 
-def load_embedding(path):
+def load_embedding(path, family="SD 1.x"):
+    """The embedding in `path`, for a model of `family`, whose width its vectors must have."""
     if not os.path.isfile(path):
         raise UserError(
             f"The embedding file {path} does not exist; pass the {EMBEDDING_FILE} "
@@ -78,11 +81,12 @@ def load_embedding(path):
     vectors = np.asarray(vectors, dtype="float32")
     if vectors.ndim == 1:
         vectors = vectors[None, :]
-    if vectors.ndim != 2 or vectors.shape[1] != EMBEDDING_WIDTH:
+    width = EMBEDDING_WIDTHS[family]
+    if vectors.ndim != 2 or vectors.shape[1] != width:
         raise UserError(
-            f"The embedding in {path} has shape {list(vectors.shape)}, but this model's "
-            f"token vectors are {EMBEDDING_WIDTH} wide (Stable Diffusion 1.x); "
-            "embeddings for SD 2.x (1024) or SDXL do not fit it."
+            f"The embedding in {path} has shape {list(vectors.shape)}, but the token "
+            f"vectors of {family} models are {width} wide (SD 1.x: 768, SD 2.x: 1024), "
+            "so it was trained for another model; pass the --base-model it was trained on."
         )
     return LearnedEmbedding(token, vectors, metadata)
 
@@ -451,6 +455,7 @@ def embedding_metadata(args, placeholder_token):
         "learning_rate": args.learning_rate,
         "batch_size": args.batch_size,
         "base_model": checkpoints.base_model_name(args.base_model),
+        "prediction_type": args.prediction_type,
         "random_weights": args.random_weights,
     }
 
@@ -470,6 +475,7 @@ def run_fingerprint(args, sets, precision, placeholder_token, num_vectors):
         "--seed": args.seed,
         "--cache-latents": args.cache_latents,
         "--base-model": checkpoints.base_model_name(args.base_model),
+        "--prediction-type": args.prediction_type,
         "--random-weights": args.random_weights,
         "--learning-rate": args.learning_rate,
         "--epochs": args.epochs,

@@ -247,7 +247,7 @@ def score(scorer, embedding, args, images_dir):
 def evaluate(args):
     if args.run:
         return evaluate_run(args)
-    embedding = saving.load_embedding(args.embedding)
+    embedding = saving.load_embedding(args.embedding, args.base_model_family)
     scorer = build_scorer(args, embedding, args.embedding)
     os.makedirs(args.output_dir, exist_ok=True)
     means, per_prompt = score(scorer, embedding, args, os.path.join(args.output_dir, "eval"))
@@ -289,14 +289,14 @@ those a fresh model loaded with that file alone would draw.
 """
 
 
-def run_snapshots(run_dir):
+def run_snapshots(run_dir, family="SD 1.x"):
     """The run's snapshots, in step order: [(step, path, embedding)]."""
     paths = glob.glob(os.path.join(run_dir, saving.SNAPSHOTS_DIR, "step-*.safetensors"))
     snapshots = []
     for path in paths:
         match = re.fullmatch(r"step-(\d+)\.safetensors", os.path.basename(path))
         if match:
-            snapshots.append((int(match.group(1)), path, saving.load_embedding(path)))
+            snapshots.append((int(match.group(1)), path, saving.load_embedding(path, family)))
     if not snapshots:
         raise ti.UserError(
             f"{run_dir} has no snapshots ({saving.SNAPSHOTS_DIR}/step-NNNNNN.safetensors); "
@@ -371,7 +371,7 @@ def plot_scores(rows, best_step, path):
 
 
 def evaluate_run(args):
-    snapshots = run_snapshots(args.run)
+    snapshots = run_snapshots(args.run, args.base_model_family)
     _, first_path, first = snapshots[0]
     scorer = build_scorer(args, first, first_path)
     rows = []

@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def generate(args):
     tokenizer = ti.build_tokenizer()
-    embeddings = [saving.load_embedding(path) for path in args.embedding]
+    embeddings = [saving.load_embedding(path, args.base_model_family) for path in args.embedding]
     new_rows = drawing.add_embeddings(tokenizer, embeddings, args.embedding)
     prompts = drawing.prompts_with_tokens(args.prompt, tokenizer, embeddings)
     stable_diffusion = drawing.build_stable_diffusion_with_embeddings(args, tokenizer, new_rows)
