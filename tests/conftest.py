@@ -208,25 +208,37 @@ def sd2x_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def checkpoint_command_line_run(sd1x_checkpoint, image_folder, tmp_path_factory):
-    """The command line on the full-size checkpoint, as a user runs it: 1 training
-    step, then `tools/generate.py` draws with what it learned, in the background. The
-    command-line tests start it beside their own runs, while this process is small; the
-    diffusers oracle checks what it wrote."""
+def checkpoint_command_line_run(sd1x_checkpoint, sd2x_checkpoint, image_folder, tmp_path_factory):
+    """The command line on the full-size checkpoints, as a user runs it, in the
+    background: on the SD 1.x one, 1 training step, then `tools/generate.py` draws with
+    what it learned; then on the SD 2.x one, named as SD 2.1's 768-v release is, 1 step
+    with sample images before and after it. The command-line tests start it beside their
+    own runs, while this process is small; the oracles wait for it (they need the
+    memory), and check what it wrote. Each part's exit status goes into its
+    `*.status` file."""
     folder = tmp_path_factory.mktemp("command-line")
+    script = os.path.join(ROOT, "textual_inversion.py")
+    common = ["--resolution", str(RESOLUTION), "--sample-steps", "1"]
     train = [
-        sys.executable, os.path.join(ROOT, "textual_inversion.py"), "--base-model", sd1x_checkpoint,
+        sys.executable, script, "--base-model", sd1x_checkpoint, *common,
         "--images", image_folder, "--group-images", "--prompts", "a photo of {}",
-        "--resolution", str(RESOLUTION), "--max-train-steps", "1", "--sample-every", "0",
-        "--sample-steps", "1", "--output-dir", str(folder / "run"),
+        "--max-train-steps", "1", "--sample-every", "0", "--output-dir", str(folder / "run"),
     ]  # fmt: skip
     generate = [
         sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--base-model", sd1x_checkpoint,
-        "--embedding", str(folder / "run" / saving.EMBEDDING_FILE),
-        "--prompt", "an oil painting of {}", "--batch-size", "1", "--sample-steps", "1",
-        "--resolution", str(RESOLUTION), "--output-dir", str(folder / "draw"),
+        "--embedding", str(folder / "run" / saving.EMBEDDING_FILE), *common,
+        "--prompt", "an oil painting of {}", "--batch-size", "1", "--output-dir", str(folder / "draw"),
     ]  # fmt: skip
-    script = f"{shlex.join(train)} > train.log 2>&1 && {shlex.join(generate)} > draw.log 2>&1"
+    os.symlink(sd2x_checkpoint, folder / "v2-1_768-random.safetensors")
+    train_sd2 = [
+        sys.executable, script, "--base-model", str(folder / "v2-1_768-random.safetensors"),
+        *common, "--images", image_folder, "--group-images", "--prompts", "a photo of {}",
+        "--max-train-steps", "1", "--sample-every", "1", "--output-dir", str(folder / "sd2-run"),
+    ]  # fmt: skip
+    script = (
+        f"{{ {shlex.join(train)} > train.log 2>&1 && {shlex.join(generate)} > draw.log 2>&1; }}; "
+        f"echo $? > sd1.status; {shlex.join(train_sd2)} > sd2-train.log 2>&1; echo $? > sd2.status"
+    )
     process = subprocess.Popen(["bash", "-c", script], cwd=folder)
     yield folder, process
     if process.poll() is None:
@@ -276,11 +288,11 @@ def two_vector_encoder(concept, token):
 # The order of the modules, for memory: the notebook's kernel and the command-line runs
 # first, while this process is small (a kernel with the full-size models at 128 px,
 # then three script processes of about 2.5 GB side by side); the modules on the
-# full-size models last, the oracle first among them (about 11 GB, and a command-line
-# run of the checkpoint beside it).
+# full-size models last, the oracle first among them (about 11 GB, once the background
+# command-line runs of the two checkpoints have ended: the SD 2.x one takes 8.6 GB).
 FIRST_MODULES = ["test_notebook.py", "test_runs_from_the_command_line.py"]
 LAST_MODULES = [
-    "test_diffusers_oracle.py", "test_sd2x_oracle.py", "test_sd2x_command_line.py",
+    "test_diffusers_oracle.py", "test_sd2x_command_line.py", "test_sd2x_oracle.py",
     "test_unet_backward.py", "test_mixed_precision.py",
 ]  # fmt: skip
 

@@ -215,7 +215,8 @@ TOL_BF16 = {"loss": 1e-2, "grad": 0.2, "cosine": 0.99, "update_cosine": 0.9}
 
 
 # ------------------------------------------------------------------ tests
-def test_an_sd2_file_is_refused_from_the_command_line_before_anything_is_built(ckpt, tmp_path):
+def test_a_half_sd2_file_is_refused_from_the_command_line_before_anything_is_built(ckpt, tmp_path):
+    """An SD 1.x file with an SD 2.x text encoder's embedding and context width."""
     path = str(tmp_path / "sd2.safetensors")
     write_safetensors(path, _bad("sd2", header_entries(ckpt)), sparse=True)
     with pytest.raises(ti.UserError, match="SD 2.x"):
@@ -557,13 +558,13 @@ def refused_before_building(monkeypatch, tmp_path, base_model):
 def test_a_file_that_is_not_sd1x_is_refused_by_the_command_line_before_any_model_is_built(
     kind, ckpt, tmp_path, monkeypatch
 ):
-    """From the header alone, checked against sd1x_weights.json (the next test)."""
+    """From the header alone, checked against sd1x_weights.json or sd2x_weights.json (the next test)."""
     refused_before_building(monkeypatch, tmp_path, write_bad_file(kind, ckpt, tmp_path))
 
 
 def test_the_weights_checked_before_building_are_those_the_models_take(km):
     expected = checkpoints.expected_weights(checkpoints.build_plan(km))
-    assert checkpoints.sd1x_weights() == expected
+    assert checkpoints.family_weights("SD 1.x") == expected
 
 
 def test_a_diffusers_folder_missing_a_part_or_of_sdxl_is_refused_before_any_model_is_built(
@@ -645,10 +646,11 @@ def test_float16_bfloat16_and_float32_tensors_read_exactly(dtype, tmp_path):
 def test_the_command_line_trains_and_draws_on_an_sd1x_file(ckpt, checkpoint_command_line_run):
     """It waits for the run, which started with the suite's other command-line runs."""
     folder, process = checkpoint_command_line_run
-    status = process.wait(timeout=1500)
+    process.wait(timeout=1500)
     train_log = (folder / "train.log").read_text()
-    assert status == 0, (train_log + (folder / "draw.log").read_text())[-3000:]
-    assert f"Loading the base model {ckpt}" in train_log
+    status = (folder / "sd1.status").read_text().strip()
+    assert status == "0", (train_log + (folder / "draw.log").read_text())[-3000:]
+    assert f"Loading the SD 1.x base model {ckpt}" in train_log
     metadata = saving.load_embedding(str(folder / "run" / saving.EMBEDDING_FILE)).metadata
     assert (
         metadata["base_model"]

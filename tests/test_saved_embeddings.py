@@ -141,3 +141,59 @@ def test_generate_refuses_a_prompt_without_the_token(tmp_path):
 )
 def test_the_trigger_word_is_the_token_as_a_file_name_every_system_accepts(token, word):
     assert saving.trigger_word(token) == word
+
+
+# --- In diffusers ------------------------------------------------------------------------
+
+DIFFUSERS_LOADS = """
+import gzip, json, os, sys
+import numpy as np, torch
+from diffusers.loaders import TextualInversionLoaderMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+embedding_path, vocabulary_path, width, folder = sys.argv[1:5]
+# CLIP's tokenizer files, made from the BPE merges keras-cv downloads, as CLIP makes them.
+merges = gzip.open(vocabulary_path).read().decode().split("\\n")[1 : 49152 - 256 - 2 + 1]
+printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # bytes shown as themselves
+others = [b for b in range(256) if b not in printable]  # the rest, as chr(256 + n)
+words = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+words += [w + "</w>" for w in words] + ["".join(m.split()) for m in merges]
+words += ["<|startoftext|>", "<|endoftext|>"]
+with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump({w: i for i, w in enumerate(words)}, f)
+with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\\n" + "\\n".join(merges) + "\\n")
+tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+config = CLIPTextConfig(
+    hidden_size=int(width), intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+)
+text_encoder = CLIPTextModel(config)
+
+class Pipeline(TextualInversionLoaderMixin):  # what load_textual_inversion reads of a pipeline
+    hf_device_map, components = None, {}
+
+pipeline = Pipeline()
+pipeline.tokenizer, pipeline.text_encoder = tokenizer, text_encoder
+pipeline.load_textual_inversion(embedding_path)
+token_id = tokenizer.convert_tokens_to_ids("<my-funny-cat-token>")
+row = text_encoder.get_input_embeddings().weight[token_id].detach().numpy()
+print(json.dumps({"token_id": token_id, "row": row.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("width", [768, 1024])  # SD 1.x, SD 2.x
+def test_diffusers_load_textual_inversion_reads_the_saved_token_and_vector(width, tmp_path):
+    """diffusers' own loader (`pipe.load_textual_inversion(path)`), on a small CLIP text
+    encoder of that width, in a process of its own: the token is added after CLIP's
+    49,408 and its row is the saved vector."""
+    import json
+
+    from conftest import SHARED_VOCAB, python_in_a_process_of_its_own
+
+    vectors = np.random.default_rng(width).normal(size=(1, width)).astype("float32")
+    path = str(tmp_path / saving.EMBEDDING_FILE)
+    saving.save_embedding(path, PLACEHOLDER, vectors, {"step": 1})
+    script = f"import sys; sys.argv = ['load', {path!r}, {SHARED_VOCAB!r}, '{width}', {str(tmp_path)!r}]\n"
+    found = json.loads(python_in_a_process_of_its_own(script + DIFFUSERS_LOADS).splitlines()[-1])
+    assert found["token_id"] == 49408
+    np.testing.assert_array_equal(np.array(found["row"], "float32"), vectors[0])
