@@ -289,11 +289,12 @@ def two_vector_encoder(concept, token):
 # first, while this process is small (a kernel with the full-size models at 128 px,
 # then three script processes of about 2.5 GB side by side); the modules on the
 # full-size models last, the oracle first among them (about 11 GB, once the background
-# command-line runs of the two checkpoints have ended: the SD 2.x one takes 8.6 GB).
+# command-line runs of the two checkpoints have ended: the SD 2.x one takes 8.6 GB); the
+# SD 2.x oracle at the very end, which releases the session's SD 1.x models first.
 FIRST_MODULES = ["test_notebook.py", "test_runs_from_the_command_line.py"]
 LAST_MODULES = [
-    "test_diffusers_oracle.py", "test_sd2x_command_line.py", "test_sd2x_oracle.py",
-    "test_unet_backward.py", "test_mixed_precision.py",
+    "test_diffusers_oracle.py", "test_sd2x_command_line.py", "test_unet_backward.py",
+    "test_mixed_precision.py", "test_sd2x_oracle.py",
 ]  # fmt: skip
 
 

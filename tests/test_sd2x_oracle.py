@@ -9,8 +9,9 @@ text encoder extended from "cat", the same loss and placeholder gradient as diff
 textual-inversion step, for an epsilon model (SD 2.x 512-base) and a v-prediction one
 (768-v). The checkpoint's diffusers folder holds the same weights.
 
-Memory: as for SD 1.x, the PyTorch references are computed first, in a process of their
-own; then the KerasCV V2 models (5.2 GB in float32) are built in this one.
+Memory: this module runs last, once the session's SD 1.x models are released; as for
+SD 1.x, the PyTorch references are computed first, in a process of their own; then the
+KerasCV V2 models (5.2 GB in float32) are built in this one.
 """
 
 import numpy as np
@@ -43,10 +44,22 @@ def inputs():
 
 
 @pytest.fixture(scope="module")
-def torch_ref(sd2x_checkpoint, inputs, tmp_path_factory, checkpoint_command_line_run):
+def sd1x_models_released(loaded_stable_diffusion):
+    """This module runs last: the session's SD 1.x models go before the SD 2.x ones come."""
+    import gc
+
+    for part in ti.SD_PARTS:
+        ti.set_part(loaded_stable_diffusion, part, None)
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def torch_ref(
+    sd1x_models_released, sd2x_checkpoint, inputs, tmp_path_factory, checkpoint_command_line_run
+):
     """diffusers' and transformers' outputs (tests/diffusers_reference.py --sd2), in a
-    process of its own, and the diffusers folder it writes; once the command line's run
-    of the SD 1.x checkpoint has ended, as for the SD 1.x oracle."""
+    process of its own, and the diffusers folder it writes; once the command line's runs
+    of the checkpoints have ended, as for the SD 1.x oracle."""
     checkpoint_command_line_run[1].wait(timeout=1500)
     return diffusers_references(
         sd2x_checkpoint, inputs, tmp_path_factory.mktemp("diffusers-sd2"), "--sd2"
