@@ -1558,9 +1558,7 @@ def check_machine_args(args):
     family = checkpoints.check_base_model(args.base_model) if args.base_model else "SD 1.x"
     hardware.check_precision_fits(args.precision, family)
     args.base_model_family, flag = family, args.prediction_type
-    args.prediction_type, reason = sd2x.prediction_type(
-        flag, args.base_model, family, args.resolution
-    )
+    args.prediction_type, reason = sd2x.prediction_type(flag, args.base_model, family, args.resolution)
     if flag == "auto" and family == "SD 2.x":
         print(f"--prediction-type auto: {args.prediction_type}; {reason}.")
 
