@@ -1267,8 +1267,10 @@ def build_models(
 ):  # fmt: skip
     """KerasCV's four models of `family`; SD 2.x's are its V2 classes, in `StableDiffusion2x`."""
     sd_models = keras_cv.models.stable_diffusion
+    compute_dtype = keras.mixed_precision.Policy(precision).compute_dtype
     if family == "SD 2.x":
-        stable_diffusion = sd2x.StableDiffusion2x(resolution, resolution, jit_compile, prediction_type)
+        size = (resolution, resolution)
+        stable_diffusion = sd2x.StableDiffusion2x(*size, jit_compile, prediction_type)
         text_encoder_class, unet_class = sd_models.TextEncoderV2, sd2x.DiffusionModelV2
     else:
         stable_diffusion = keras_cv.models.StableDiffusion(
@@ -1276,10 +1278,12 @@ def build_models(
         )
         text_encoder_class, unet_class = sd_models.TextEncoder, sd_models.DiffusionModel
     set_part(stable_diffusion, "tokenizer", tokenizer)
-    with global_dtype_policy(keras.mixed_precision.Policy(precision).compute_dtype):
+    with global_dtype_policy(compute_dtype):
         if random_weights:
             image_encoder = sd_models.ImageEncoder(download_weights=False)
             unet = unet_class(resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False)
+            if unet_backward.needs_float32_attention(family, compute_dtype):
+                unet_backward.use_float32_attention(unet)  # float16 overflows SD 2.x's
             decoder = sd_models.Decoder(resolution, resolution, download_weights=False)
             set_part(stable_diffusion, "image_encoder", image_encoder)
             set_part(stable_diffusion, "diffusion_model", unet)
@@ -1556,7 +1560,6 @@ def check_machine_args(args):
     if args.base_model and args.random_weights:
         raise UserError("--base-model and --random-weights exclude each other; pass one.")
     family = checkpoints.check_base_model(args.base_model) if args.base_model else "SD 1.x"
-    hardware.check_precision_fits(args.precision, family)
     args.base_model_family, flag = family, args.prediction_type
     args.prediction_type, reason = sd2x.prediction_type(flag, args.base_model, family, args.resolution)
     if flag == "auto" and family == "SD 2.x":
@@ -1726,7 +1729,7 @@ class CommandLineRun(TutorialRun):
             print(f"Resuming the embedding of {self.token} from {args.resume}.")
         # The placeholder as prompts write it: all its vectors' tokens.
         self.placeholder_token = placeholder_text(self.token, self.num_vectors)
-        self.precision = hardware.resolve_precision(args.precision, args.base_model_family)
+        self.precision = hardware.resolve_precision(args.precision)
         self.jit_compile = hardware.use_xla(args.xla, args.distribute)
         # With --distribute the models are built on every device.
         self.strategy = hardware.distribution_strategy(args.distribute, args.batch_size)

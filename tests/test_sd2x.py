@@ -6,14 +6,20 @@ the arithmetic against diffusers is in test_sd2x_oracle.py."""
 import json
 import math
 
+import keras
+import keras_cv
 import numpy as np
 import pytest
+import tensorflow as tf
+from keras import ops
 from keras_cv.src.models.stable_diffusion.constants import _ALPHAS_CUMPROD
 
 import textual_inversion as ti
 from sd1x_checkpoint import ldm_spec, write_safetensors
 from test_diffusers_oracle import assert_one_sentence
-from textual_inversion_extras import sd2x
+import stand_ins
+from textual_inversion_extras import sd2x, unet_backward
+from textual_inversion_extras.hardware import global_dtype_policy
 
 START, END = 49406, 49407  # CLIP's start- and end-of-text tokens
 
@@ -152,19 +158,85 @@ def test_the_sd2_sampler_pads_the_prompt_and_the_unconditional_prompt_with_zero(
 
 
 # ------------------------------------------------------------------ precision
-def test_auto_precision_takes_float32_for_sd2_on_a_gpu_that_would_take_float16(monkeypatch):
-    """SD 2.x overflows float16 in its attention; a V100 or T4 then trains in float32."""
+def attention_with_identity_weights(layer_class, dtype):
+    """KerasCV's attention layer of SD 2.x's head size, 2 heads, in `dtype`, whose
+    projections are the identity: the scores are the tokens' own dot products."""
+    with global_dtype_policy(dtype):
+        layer = layer_class(num_heads=2, head_size=64)
+    layer(np.zeros((1, 4, 128), "float32"))  # builds it
+    for projection in (layer.to_q, layer.to_k, layer.to_v, layer.out_proj):
+        projection.kernel.assign(np.eye(128))
+    layer.out_proj.bias.assign(np.zeros(128))
+    return layer
+
+
+def test_under_float16_sd2s_attention_computes_in_float32_where_float16_overflows():
+    """Tokens of +-100: a token's score with itself is 64 x 100^2 / 8 = 80,000 (float16's
+    largest number is 65,504), so the chunked attention in float16 gives inf and NaN. In
+    float32 each token attends to itself alone, and the output is the input."""
+    tokens = 100 * np.sign(np.random.default_rng(0).standard_normal((1, 16, 128)))
+    tokens = tokens.astype("float32")
+    layer = attention_with_identity_weights(unet_backward.ChunkedCrossAttention, "float16")
+    in_float16 = ops.convert_to_numpy(layer(tokens))
+    unet = keras.Sequential([keras.layers.Input((16, 128)), layer])
+    assert unet_backward.use_float32_attention(unet) == 1
+    upcast = layer(tokens)
+    assert not np.isfinite(in_float16).all()
+    assert upcast.dtype == "float16"
+    np.testing.assert_array_equal(ops.convert_to_numpy(upcast), tokens)
+
+
+def test_under_float16_sd2s_attention_passes_back_a_finite_gradient_where_float16_overflows():
+    tokens = 100 * np.sign(np.random.default_rng(0).standard_normal((1, 16, 128)))
+    tokens = tf.constant(tokens, "float32")
+    layer = attention_with_identity_weights(unet_backward.ChunkedCrossAttention, "float16")
+    unet_backward.use_float32_attention(keras.Sequential([keras.layers.Input((16, 128)), layer]))
+    with tf.GradientTape() as tape:
+        tape.watch(tokens)
+        total = tf.reduce_sum(tf.cast(layer(tokens), "float32") * tokens / 1e4)
+    gradient = tape.gradient(total, tokens).numpy()
+    assert np.isfinite(gradient).all() and np.abs(gradient).max() > 0
+
+
+class UNetWithOneAttention(keras.Model):
+    """Where `build_models` builds the UNet: a model with one KerasCV attention layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.attention = unet_backward.CrossAttention(num_heads=2, head_size=64)
+
+
+@pytest.mark.parametrize(
+    "family, precision, in_float32",
+    [("SD 2.x", "mixed_float16", True), ("SD 2.x", "mixed_bfloat16", False),
+     ("SD 2.x", "float32", False), ("SD 1.x", "mixed_float16", False)],
+)  # fmt: skip
+def test_build_models_computes_attention_in_float32_for_sd2_under_float16_alone(
+    family, precision, in_float32, monkeypatch
+):
+    sd_models = keras_cv.models.stable_diffusion
+    monkeypatch.setattr(sd2x, "DiffusionModelV2", UNetWithOneAttention)
+    monkeypatch.setattr(sd_models, "DiffusionModel", UNetWithOneAttention)
+    for name in ("TextEncoder", "TextEncoderV2"):
+        monkeypatch.setattr(sd_models, name, stand_ins.text_encoder)
+    monkeypatch.setattr(sd_models, "ImageEncoder", stand_ins.image_encoder)
+    monkeypatch.setattr(sd_models, "Decoder", stand_ins.decoder)
+    stable_diffusion = ti.build_models(128, None, True, False, precision, family)
+    attention = stable_diffusion.diffusion_model.attention
+    assert getattr(attention, "in_float32", False) is in_float32
+    if in_float32:
+        assert attention.compute_dtype == "float16"
+
+
+def test_auto_precision_takes_float16_for_sd2_as_for_sd1_on_a_gpu_without_bfloat16(monkeypatch):
+    """Its attention is then computed in float32 (above), so float16 trains SD 2.x."""
     from textual_inversion_extras import hardware
 
     monkeypatch.setattr(hardware, "gpu_facts", lambda: ("Tesla T4", (7, 5)))
-    assert hardware.resolve_precision("auto", "SD 1.x") == "mixed_float16"
-    assert hardware.resolve_precision("auto", "SD 2.x") == "float32"
+    assert hardware.resolve_precision("auto") == "mixed_float16"
 
 
-def test_mixed_float16_for_an_sd2_model_is_refused_before_any_model_is_built(
-    sd2x_header_only, tmp_path
-):
+def test_mixed_float16_for_an_sd2_model_is_accepted(sd2x_header_only, tmp_path):
     argv = ["--base-model", sd2x_header_only, "--precision", "mixed_float16"]
-    with pytest.raises(ti.UserError, match="mixed_bfloat16 .* or float32") as refusal:
-        ti.parse_args([*argv, "--output-dir", str(tmp_path)])
-    assert_one_sentence(str(refusal.value))
+    args = ti.parse_args([*argv, "--output-dir", str(tmp_path)])
+    assert (args.base_model_family, args.precision) == ("SD 2.x", "mixed_float16")

@@ -83,27 +83,14 @@ def choose_precision(gpu, cpu_flags):
     return "float32", "no GPU, and this CPU has no bfloat16 arithmetic (no avx512_bf16 or amx_bf16)"
 
 
-def resolve_precision(precision_flag, family="SD 1.x"):
-    """The dtype policy for `--precision`: as given, or chosen for the hardware. SD 2.x
-    overflows float16 in its attention (NaN losses, AUTOMATIC1111#5715), which KerasCV
-    computes in the compute dtype: for it `auto` takes float32 where it would take
-    mixed_float16, and mixed_float16 is refused (`check_precision_fits`)."""
+def resolve_precision(precision_flag):
+    """The dtype policy for `--precision`: as given, or chosen for the hardware. (For
+    SD 2.x under float16, `build_models` computes the attention in float32.)"""
     if precision_flag != "auto":
         return precision_flag
     precision, reason = choose_precision(gpu_facts(), cpu_flags())
-    if precision == "mixed_float16" and family == "SD 2.x":
-        precision, reason = "float32", f"{reason}, and SD 2.x's attention overflows float16"
     print(f"--precision auto: {precision}, as {reason}.")
     return precision
-
-
-def check_precision_fits(precision_flag, family):
-    if precision_flag == "mixed_float16" and family == "SD 2.x":
-        raise UserError(
-            "SD 2.x's attention overflows float16 (NaN losses), so --precision "
-            "mixed_float16 does not train it; use mixed_bfloat16 (GPUs of compute "
-            "capability 8.0 or more, CPUs with bfloat16 arithmetic) or float32."
-        )
 
 
 def use_xla(xla_flag, distribute=False):

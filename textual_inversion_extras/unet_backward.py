@@ -11,7 +11,8 @@ what it computes (each is tested against KerasCV's own layers):
 - gradient checkpointing of the UNet's blocks (`--gradient-checkpointing`).
 
 Each swaps the class of KerasCV's layers in place, keeping their weights, before the
-train step is traced.
+train step is traced. One more swap changes what is computed, in float32 where float16
+would overflow: SD 2.x's attention under a float16 policy (`use_float32_attention`).
 """
 
 import math
@@ -285,9 +286,10 @@ CrossAttention, ResBlock, SpatialTransformer, GEGLU = keras_cv_unet_classes()
 
 class ChunkedCrossAttention(CrossAttention):
     """KerasCV's CrossAttention (the same weights), computed in query chunks of at most
-    `chunk_scores` scores per head."""
+    `chunk_scores` scores per head; in float32 if `in_float32` (`use_float32_attention`)."""
 
     chunk_scores = ATTENTION_CHUNK_SCORES
+    in_float32 = False
 
     def call(self, inputs, context=None):
         if context is None:
@@ -300,8 +302,11 @@ class ChunkedCrossAttention(CrossAttention):
 
         query = split_heads(self.to_q(inputs))
         key, value = split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        if self.in_float32:
+            query, key, value = (ops.cast(x, "float32") for x in (query, key, value))
         chunk = queries_per_chunk(key.shape[2], self.chunk_scores)
         attended = attention_in_query_chunks(query, key, value, self.scale, chunk)
+        attended = ops.cast(attended, self.compute_dtype)
         attended = ops.reshape(
             ops.transpose(attended, (0, 2, 1, 3)), (-1, inputs.shape[1], heads * head_size)
         )
@@ -310,11 +315,36 @@ class ChunkedCrossAttention(CrossAttention):
 
 def use_attention_in_chunks(diffusion_model, chunk_scores=ATTENTION_CHUNK_SCORES):
     """Gives the UNet's attention layers `ChunkedCrossAttention`, in place. Returns how many."""
-    layers = [layer for layer in all_sublayers(diffusion_model) if type(layer) is CrossAttention]
+    layers = all_sublayers(diffusion_model)
+    layers = [layer for layer in layers if isinstance(layer, CrossAttention)]
     for layer in layers:
         layer.__class__ = ChunkedCrossAttention
         layer.chunk_scores = chunk_scores
     return len(layers)
+
+
+"""
+**Attention in float32 under float16.** SD 2.x's attention scores outgrow float16, whose
+largest number is 65,504: in float16 they become infinite and the loss NaN
+(AUTOMATIC1111#5715). diffusers' SD 2.1 configs set `upcast_attention` for it. Under a
+float16 policy, `build_models` gives SD 2.x's UNet `use_float32_attention`: its attention
+layers compute the scores, the softmax and the product with the values in float32 (the
+projections stay in float16), for training and drawing alike.
+"""
+
+
+def needs_float32_attention(family, compute_dtype):
+    return family == "SD 2.x" and compute_dtype == "float16"
+
+
+def use_float32_attention(diffusion_model):
+    """Gives the UNet's attention layers `ChunkedCrossAttention` in float32, in place.
+    Returns how many."""
+    count = use_attention_in_chunks(diffusion_model)
+    for layer in all_sublayers(diffusion_model):
+        if isinstance(layer, ChunkedCrossAttention):
+            layer.in_float32 = True
+    return count
 
 
 """

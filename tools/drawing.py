@@ -57,7 +57,7 @@ def build_stable_diffusion_with_embeddings(args, tokenizer, new_rows):
         args.base_model,
         args.random_weights,
         jit_compile,
-        ti.hardware.resolve_precision(args.precision, args.base_model_family),
+        ti.hardware.resolve_precision(args.precision),
         args.prediction_type,
     )
     new_encoder = ti.extend_text_encoder(stable_diffusion.text_encoder, new_rows, jit_compile)
