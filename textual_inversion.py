@@ -464,9 +464,10 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
     old_embedding = get_embedding_layer(text_encoder)
     old_token_weights = old_embedding.token_embedding.get_weights()[0]
     new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
-    encoder_class = "TextEncoderV2" if new_token_weights.shape[1] == 1024 else "TextEncoder"
+    sd1x_class = keras_cv.models.stable_diffusion.TextEncoder
+    encoder_class = sd2x.TextEncoderV2 if new_token_weights.shape[1] == 1024 else sd1x_class
     with global_dtype_policy(text_encoder.dtype_policy.name):
-        new_encoder = getattr(keras_cv.models.stable_diffusion, encoder_class)(
+        new_encoder = encoder_class(
             MAX_PROMPT_LENGTH, vocab_size=len(new_token_weights),
             download_weights=False,  # the pretrained weights have the old vocabulary size
         )  # fmt: skip
@@ -1271,7 +1272,7 @@ def build_models(
     if family == "SD 2.x":
         size = (resolution, resolution)
         stable_diffusion = sd2x.StableDiffusion2x(*size, jit_compile, prediction_type)
-        text_encoder_class, unet_class = sd_models.TextEncoderV2, sd2x.DiffusionModelV2
+        text_encoder_class, unet_class = sd2x.TextEncoderV2, sd2x.DiffusionModelV2
     else:
         stable_diffusion = keras_cv.models.StableDiffusion(
             img_height=resolution, img_width=resolution, jit_compile=jit_compile

@@ -217,8 +217,8 @@ def test_build_models_computes_attention_in_float32_for_sd2_under_float16_alone(
     sd_models = keras_cv.models.stable_diffusion
     monkeypatch.setattr(sd2x, "DiffusionModelV2", UNetWithOneAttention)
     monkeypatch.setattr(sd_models, "DiffusionModel", UNetWithOneAttention)
-    for name in ("TextEncoder", "TextEncoderV2"):
-        monkeypatch.setattr(sd_models, name, stand_ins.text_encoder)
+    monkeypatch.setattr(sd_models, "TextEncoder", stand_ins.text_encoder)
+    monkeypatch.setattr(sd2x, "TextEncoderV2", stand_ins.text_encoder)
     monkeypatch.setattr(sd_models, "ImageEncoder", stand_ins.image_encoder)
     monkeypatch.setattr(sd_models, "Decoder", stand_ins.decoder)
     stable_diffusion = ti.build_models(128, None, True, False, precision, family)

@@ -10,6 +10,10 @@ classes: what else differs from SD 1.x.
   sqrt(1 - alpha_bar) * latents` (Salimans and Ho, 2022). The trainer's loss then has the
   velocity as its target (`velocity`), and the sampler turns the prediction back into
   noise before its DDIM step (`StableDiffusion2x`).
+- **GELU.** OpenCLIP's text encoder uses the exact GELU; KerasCV's `TextEncoderV2`
+  computes the tanh approximation (`ops.gelu`'s default), which moves its encoding by
+  about 2e-4 of its largest value (against transformers). `TextEncoderV2` here is
+  KerasCV's with the exact one.
 - **Which one a file is** is not in its weights: `prediction_type` takes it from a
   diffusers folder's scheduler configuration, from an AUTOMATIC1111-style `.yaml` beside
   a single file, or else from the file's name and the resolution, as diffusers' own
@@ -28,12 +32,28 @@ from keras import ops
 from keras_cv.src.models.stable_diffusion.constants import _ALPHAS_CUMPROD
 # KerasCV's SD 2.x UNet, which keras_cv.models does not export.
 from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModelV2  # noqa: F401
+from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
 
 from textual_inversion_extras.errors import UserError
 
 PAD_TOKEN_ID = 0
 MAX_PROMPT_LENGTH = 77
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
+
+
+def exact_gelu(x):
+    return ops.gelu(x, approximate=False)
+
+
+class TextEncoderV2(keras_cv.models.stable_diffusion.TextEncoderV2):
+    """KerasCV's SD 2.x text encoder (the same layers and weights), with OpenCLIP's exact
+    GELU in each encoder layer's feed-forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for layer in self.layers:
+            if isinstance(layer, CLIPEncoderLayer):
+                layer.activation = exact_gelu
 
 
 def velocity(alphas_cumprod, latents, noise, timesteps):
