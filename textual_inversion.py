@@ -464,8 +464,7 @@ def extend_text_encoder(text_encoder, new_rows, jit_compile=False):
     old_embedding = get_embedding_layer(text_encoder)
     old_token_weights = old_embedding.token_embedding.get_weights()[0]
     new_token_weights = np.concatenate([old_token_weights, new_rows], axis=0)
-    sd1x_class = keras_cv.models.stable_diffusion.TextEncoder
-    encoder_class = sd2x.TextEncoderV2 if new_token_weights.shape[1] == 1024 else sd1x_class
+    encoder_class = sd2x.text_encoder_class(width=new_token_weights.shape[1])
     with global_dtype_policy(text_encoder.dtype_policy.name):
         new_encoder = encoder_class(
             MAX_PROMPT_LENGTH, vocab_size=len(new_token_weights),
@@ -1268,7 +1267,6 @@ def build_models(
 ):  # fmt: skip
     """KerasCV's four models of `family`; SD 2.x's are its V2 classes, in `StableDiffusion2x`."""
     sd_models = keras_cv.models.stable_diffusion
-    compute_dtype = keras.mixed_precision.Policy(precision).compute_dtype
     if family == "SD 2.x":
         size = (resolution, resolution)
         stable_diffusion = sd2x.StableDiffusion2x(*size, jit_compile, prediction_type)
@@ -1279,12 +1277,11 @@ def build_models(
         )
         text_encoder_class, unet_class = sd_models.TextEncoder, sd_models.DiffusionModel
     set_part(stable_diffusion, "tokenizer", tokenizer)
-    with global_dtype_policy(compute_dtype):
+    with global_dtype_policy(keras.mixed_precision.Policy(precision).compute_dtype):
         if random_weights:
             image_encoder = sd_models.ImageEncoder(download_weights=False)
             unet = unet_class(resolution, resolution, MAX_PROMPT_LENGTH, download_weights=False)
-            if unet_backward.needs_float32_attention(family, compute_dtype):
-                unet_backward.use_float32_attention(unet)  # float16 overflows SD 2.x's
+            unet_backward.use_float32_attention_where_needed(unet, family, unet.compute_dtype)
             decoder = sd_models.Decoder(resolution, resolution, download_weights=False)
             set_part(stable_diffusion, "image_encoder", image_encoder)
             set_part(stable_diffusion, "diffusion_model", unet)

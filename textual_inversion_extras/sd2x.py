@@ -56,6 +56,11 @@ class TextEncoderV2(keras_cv.models.stable_diffusion.TextEncoderV2):
                 layer.activation = exact_gelu
 
 
+def text_encoder_class(width):
+    """The text encoder whose rows are `width` wide: SD 2.x's (1024) or SD 1.x's (768)."""
+    return TextEncoderV2 if width == 1024 else keras_cv.models.stable_diffusion.TextEncoder
+
+
 def velocity(alphas_cumprod, latents, noise, timesteps):
     """The 768-v models' target at `timesteps`: sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * latents."""
     alpha_bar = ops.reshape(ops.take(alphas_cumprod, timesteps), (-1, 1, 1, 1))

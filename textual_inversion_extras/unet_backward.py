@@ -337,6 +337,11 @@ def needs_float32_attention(family, compute_dtype):
     return family == "SD 2.x" and compute_dtype == "float16"
 
 
+def use_float32_attention_where_needed(diffusion_model, family, compute_dtype):
+    if needs_float32_attention(family, compute_dtype):
+        use_float32_attention(diffusion_model)
+
+
 def use_float32_attention(diffusion_model):
     """Gives the UNet's attention layers `ChunkedCrossAttention` in float32, in place.
     Returns how many."""
