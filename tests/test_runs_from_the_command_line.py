@@ -1,7 +1,7 @@
 """The script from its command line, in subprocesses, as a user runs it, with small
 stand-ins for the VAE and the UNet (tests/stand_ins.py): these tests check the wiring,
-not the arithmetic. The diffusers oracle runs the command line once on a full-size
-checkpoint, and draws with `tools/generate.py` from what it learned.
+not the arithmetic. The command line on the full-size checkpoints, and
+`tools/generate.py` on the SD 2.x one, run in the background (conftest.py).
 
 Three runs start together, in a module fixture: a run with --distribute on two logical
 CPU devices, the same run on one device, and the same run once more, killed with
@@ -274,7 +274,7 @@ def test_two_replicas_of_batch_one_learn_what_one_device_of_batch_two_does(runs)
         assert json.load(f)[0]["nearest"][0]["cosine"] < 0.999
 
 
-# --- evaluate (the oracle runs generate) --------------------------------------------------
+# --- evaluate (generate runs on the SD 2.x file) -----------------------------------------------
 
 
 def test_the_evaluate_tool_writes_the_images_it_scores_and_their_mean_scores(

@@ -1,10 +1,9 @@
 """The command line on a random full-size SD 2.x checkpoint, as a user runs it: one
-training step, the sample images before and after it, and the final images; nothing is
-downloaded. The file is named as SD 2.1's 768-v release is, so `--prediction-type auto`
-trains a v-prediction model. The run is the second part of the suite's background run
-of the checkpoints (`checkpoint_command_line_run` in conftest.py); these tests wait for
-it. (`tools/generate.py` takes the same drawing path, with the SD 2.x width of
-`saving.load_embedding`.)"""
+training step, the sample images before and after it, and the final images; then
+`tools/generate.py` draws with the embedding it saved; nothing is downloaded. The file
+is named as SD 2.1's 768-v release is, so `--prediction-type auto` trains a
+v-prediction model. The runs are the second part of the suite's background run of the
+checkpoints (`checkpoint_command_line_run` in conftest.py); these tests wait for it."""
 
 import os
 
@@ -43,3 +42,14 @@ def test_the_command_line_draws_sd2_samples_and_final_images(sd2x_run):
     for epoch in ("000", "001"):
         assert sum(name.startswith(f"epoch-{epoch}_") for name in samples) == 3
     assert len(os.listdir(run / "final")) == 4
+
+
+def test_the_generate_tool_draws_with_the_1024_wide_embedding_on_the_sd2_file(
+    checkpoint_command_line_run, sd2x_run
+):
+    folder, _ = checkpoint_command_line_run
+    log = (folder / "sd2-draw.log").read_text()
+    assert (folder / "sd2-draw.status").read_text().strip() == "0", log[-3000:]
+    assert "Loading the SD 2.x base model" in log
+    assert "--prediction-type auto: v_prediction" in log
+    assert len(os.listdir(folder / "sd2-draw" / "generated")) == 1
