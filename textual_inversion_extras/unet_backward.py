@@ -333,12 +333,9 @@ projections stay in float16), for training and drawing alike.
 """
 
 
-def needs_float32_attention(family, compute_dtype):
-    return family == "SD 2.x" and compute_dtype == "float16"
-
-
 def use_float32_attention_where_needed(diffusion_model, family, compute_dtype):
-    if needs_float32_attention(family, compute_dtype):
+    """`use_float32_attention` for SD 2.x under float16 alone."""
+    if family == "SD 2.x" and compute_dtype == "float16":
         use_float32_attention(diffusion_model)
 
 
